@@ -1,0 +1,312 @@
+"""Hook specifications: the manual for plugin authors.
+
+A plugin is a module (or object) with functions named like the specs below, decorated with
+``emucore.hookimpl``. It is registered through the ``emucore.plugins`` entry point group under
+a name; ``HostSettings.blocked_plugins`` or the ``EMU_BLOCK_PLUGINS`` environment variable
+(comma-separated names) keeps a plugin from loading, so a replacement can take its place.
+
+**Emulator scope.** A plugin module that sets ``EMULATOR = "qemu"`` is only called for nodes of
+that emulator kind; a plugin without ``EMULATOR`` is called for every node (check
+``node.emulator`` if that matters). Two emulators loaded at once never see each other's nodes.
+
+**Sync and async.** pluggy calls hooks synchronously. Specs marked *sync* must return plain
+values. Specs marked *may be async* accept a plain value or an awaitable (an ``async def``
+implementation returns a coroutine): the core awaits each result, one after another, in hook
+call order, so an implementation may rely on the earlier ones having finished. Such hooks
+collect results and are never ``firstresult``: a coroutine is not ``None``, so "first
+non-``None`` wins" would stop at the first async implementation without running it.
+
+**Order.** pluggy calls ``tryfirst`` implementations first, ``trylast`` ones last, and
+otherwise the most recently registered first. Built-in implementations are ``trylast=True``,
+so a third-party implementation runs before them. Wrappers (``wrapper=True``, ``result =
+yield``) see the list of results; for a *may be async* hook those are not awaited yet, so a
+wrapper that must act after them appends its own awaitable to the list.
+
+**Errors.** Raise an :class:`emucore.errors.EmuError` subclass whose message names the node
+and the field, file or adapter concerned. Anything else is wrapped in a ``NodeError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from emucore.models import HostSettings, Nio
+    from emucore.node import Node
+    from emucore.records import ArgFragment, CheckResult, EmulatorInfo
+
+hookspec = pluggy.HookspecMarker("emucore")
+
+
+@hookspec
+def emu_emulators() -> Sequence[EmulatorInfo]:
+    """Declare the emulator kinds this plugin provides.
+
+    :return: the emulator kinds (usually one). Two plugins declaring the same name is an
+        error when the first node is created.
+
+    Results of all implementations are collected. Sync.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def emu_check(settings: HostSettings) -> Sequence[CheckResult] | Awaitable[Sequence[CheckResult]]:
+    """Report whether what the plugin needs on this host is present (``emu check``).
+
+    :param settings: the host's settings.
+    :return: one :class:`~emucore.records.CheckResult` per thing checked.
+
+    Results of all implementations are collected. May be async.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def emu_node_created(node: Node) -> None:
+    """A node was created from its description; refuse it here if it cannot work.
+
+    Called once, before any other node hook, with the node stopped. Use it to check
+    properties against the host or other nodes (e.g. an image used by two nodes that may
+    not share it) and to set up per-node state in ``node.stash``.
+
+    :param node: the new node.
+    :return: nothing; raise an ``EmuError`` to refuse the node.
+
+    Results are collected (and ignored). Sync.
+    """
+
+
+@hookspec
+def emu_prepare(node: Node) -> Awaitable[None] | None:
+    """Find and probe what the command line depends on: binaries, accelerators.
+
+    Called at every start before ``emu_prepare_disks`` and ``emu_build_args``, and by dry
+    runs (``emu argv``). Slow work (probing KVM) belongs here, not in the synchronous
+    ``emu_build_args``; store results in ``node.stash`` and emit a warning event when a
+    fallback was taken.
+
+    :param node: the node; stopped or starting.
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_prepare_disks(node: Node) -> Awaitable[None] | None:
+    """Make the node's disks ready: create linked clones, check them, record their paths.
+
+    Called at every start after ``emu_prepare`` and before ``emu_build_args``, and whenever
+    the host asks for it (``Node.prepare_disks``), e.g. right after creating a node so the
+    first start does not wait. Must be idempotent and must never write to a base image.
+
+    :param node: the node; stopped or starting.
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_build_args(node: Node) -> Sequence[ArgFragment] | None:
+    """Contribute to the emulator's command line.
+
+    The core sorts all fragments by position and joins them into one argv list, whose
+    first item is the program. Every value placed inside a comma-separated option must be
+    escaped by the implementation (for QEMU: ``emu_qemu.qemuopts``). Must not start
+    processes or touch the network: ``emu argv`` calls it for a dry run.
+
+    :param node: the node about to start (status ``starting``), or a stopped node (dry run).
+    :return: fragments to add, or ``None``.
+
+    Results of all implementations are collected. Sync.
+    """
+
+
+@hookspec
+def emu_start(node: Node, argv: Sequence[str]) -> Awaitable[None] | None:
+    """Launch the emulator with ``argv`` and wait until it runs and can be controlled.
+
+    Exactly one implementation (the emulator's process module) launches; others may prepare
+    things the process needs. If the emulator exits or fails to come up, raise an
+    :class:`~emucore.errors.EmulatorExitedError` with its exit code and log tail; the core
+    then calls ``emu_stop`` to clean up and leaves the node stopped.
+
+    When the process later exits on its own, the implementation must call
+    ``node.emulator_exited(returncode, log_tail)`` at once (from a process-wait task, not
+    by polling).
+
+    :param node: the node (status ``starting``).
+    :param argv: the joined ``emu_build_args`` result.
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_started(node: Node) -> Awaitable[None] | None:
+    """The emulator runs: attach helpers to it (priority, CPU limit, console discovery).
+
+    Set ``node.console`` here if the plugin owns the console. The node becomes ``started``
+    after every implementation returned.
+
+    :param node: the node (status ``starting``, emulator process alive).
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_stop(node: Node) -> Awaitable[None] | None:
+    """Stop the emulator and everything started with it; release what start acquired.
+
+    Also called after a failed start and after the emulator died on its own, so an
+    implementation must tolerate a process that is already gone or was never started.
+    Every wait must be bounded; end with a kill, never leave a process behind.
+
+    :param node: the node (status ``stopping``).
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_suspend(node: Node) -> Awaitable[None] | None:
+    """Pause the running node (its CPUs stop; the process stays).
+
+    :param node: the node (status ``started``).
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_resume(node: Node) -> Awaitable[None] | None:
+    """Let a suspended node run again.
+
+    :param node: the node (status ``suspended``).
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_reload(node: Node) -> Awaitable[None] | None:
+    """Reset the node as a power cycle would, without restarting the process.
+
+    A suspended node runs again afterwards.
+
+    :param node: the node (status ``started`` or ``suspended``).
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_attach_nio(node: Node, adapter: int, nio: Nio) -> Awaitable[None] | None:
+    """Connect an adapter of a running node that has no NIO to ``nio``.
+
+    On a stopped node the core only records the NIO; ``emu_build_args`` reads it from
+    ``node.adapters`` at the next start.
+
+    :param node: the node (status ``started`` or ``suspended``).
+    :param adapter: the adapter number, already checked against the adapter count.
+    :param nio: what to connect to.
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_update_nio(node: Node, adapter: int, old: Nio, new: Nio) -> Awaitable[None] | None:
+    """Replace the NIO of a connected adapter of a running node (a live relink).
+
+    The guest keeps its NIC. An emulator that cannot change it live restarts itself here
+    and says so in its documentation.
+
+    :param node: the node (status ``started`` or ``suspended``).
+    :param adapter: the adapter number.
+    :param old: the NIO being replaced.
+    :param new: the NIO to use from now on.
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_detach_nio(node: Node, adapter: int, nio: Nio) -> Awaitable[None] | None:
+    """Disconnect an adapter of a running node; the guest keeps its NIC, link down.
+
+    :param node: the node (status ``started`` or ``suspended``).
+    :param adapter: the adapter number.
+    :param nio: the NIO being removed.
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_set_link(node: Node, adapter: int, up: bool) -> Awaitable[None] | None:
+    """Set an adapter's link state as the guest sees it, keeping its NIO.
+
+    :param node: the node (status ``started`` or ``suspended``).
+    :param adapter: the adapter number.
+    :param up: ``True`` for link up.
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_capture(node: Node, adapter: int, path: Path) -> bool | Awaitable[bool] | None:
+    """Start writing the frames crossing an adapter to a pcap file, without a restart.
+
+    :param node: the node (status ``started`` or ``suspended``); the core already refused
+        a second capture on the same adapter.
+    :param adapter: the adapter number.
+    :param path: the pcap file to (over)write.
+    :return: ``True`` if this implementation captures; when none does, the core captures
+        in its relay for UDP links or refuses with an error.
+
+    Results are collected; the core awaits each. May be async.
+    """
+
+
+@hookspec
+def emu_stop_capture(node: Node, adapter: int) -> Awaitable[None] | None:
+    """Stop the capture this plugin started on ``adapter``; the file stays.
+
+    :param node: the node.
+    :param adapter: the adapter number.
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_close(node: Node) -> Awaitable[None] | None:
+    """The node is being deleted from the host's view: release what creation acquired.
+
+    Called after the node stopped. The node's directory and its disks stay.
+
+    :param node: the node (status ``stopped``).
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """

@@ -1,0 +1,364 @@
+"""The node runtime: one node's state, its state machine and its lock.
+
+A :class:`Node` holds state only; behaviour lives in hook implementations, which the node
+calls through :class:`~emucore.hooks.NodeHooks`. Every public operation takes the node's
+asyncio lock, so concurrent calls run one after another and each sees the state the previous
+one left::
+
+    stopped → starting → started ⇄ suspended
+                  ↓          ↓          ↓
+               stopped ← stopping ←─────┘
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from emucore.errors import EmuError, NodeError, NodeStateError
+from emucore.events import EventBus
+from emucore.hooks import NodeHooks
+from emucore.models import (
+    Adapter,
+    ConsoleInfo,
+    HostSettings,
+    Nio,
+    NodeConfig,
+    NodeEvent,
+    NodeStatus,
+    Project,
+)
+from emucore.ports import PortAllocator
+from emucore.stash import Stash
+
+log = logging.getLogger("emu")
+
+RUNNING = (NodeStatus.STARTED, NodeStatus.SUSPENDED)
+
+
+class Node:
+    """A node of a project, running or not.
+
+    :ivar config: the validated description.
+    :ivar project: the project it belongs to.
+    :ivar settings: the host's settings.
+    :ivar emulator_settings: the host's settings for this emulator (its settings class).
+    :ivar directory: the node's working directory, ``<project>/project-files/<kind>/<id>``.
+    :ivar status: where the node is in its life.
+    :ivar console: how to reach its console while it runs.
+    :ivar argv: the command line of the last start.
+    :ivar stash: per-plugin state (see :mod:`emucore.stash`).
+    :ivar ports: the UDP port allocator of the session.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        project: Project,
+        hooks: NodeHooks,
+        events: EventBus,
+        ports: PortAllocator,
+        settings: HostSettings,
+        emulator_settings: Any = None,
+        adapter_count: int = 0,
+    ) -> None:
+        self.config = config
+        self.project = project
+        self.settings = settings
+        self.emulator_settings = emulator_settings
+        self.ports = ports
+        self.directory = project.directory / "project-files" / config.emulator / str(config.id)
+        self.status = NodeStatus.STOPPED
+        self.console: ConsoleInfo | None = None
+        self.argv: list[str] = []
+        self.stash = Stash()
+        self.hooks = hooks
+        self.adapters = tuple(
+            Adapter(number, config.nios.get(number)) for number in range(adapter_count)
+        )
+        self._events = events
+        self._lock = asyncio.Lock()
+        self._exit_tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    # -- identity --------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The node's name."""
+        return self.config.name
+
+    @property
+    def emulator(self) -> str:
+        """The emulator kind."""
+        return self.config.emulator
+
+    @property
+    def properties(self) -> Any:
+        """The emulator's properties object."""
+        return self.config.properties
+
+    @property
+    def is_running(self) -> bool:
+        """Started or suspended: the emulator process exists."""
+        return self.status in RUNNING
+
+    def __repr__(self) -> str:
+        return f"<Node {self.name!r} {self.emulator} {self.status.value}>"
+
+    # -- events ----------------------------------------------------------------------------
+
+    def emit(self, kind: str, message: str, details: str = "") -> None:
+        """Publish an ``info``, ``warning`` or ``error`` event about this node."""
+        self._events.publish(NodeEvent(self.name, kind, message, self.status, details))
+
+    def _set_status(self, status: NodeStatus, message: str = "") -> None:
+        self.status = status
+        self._events.publish(NodeEvent(self.name, "status", message or status.value, status))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def prepare_disks(self) -> None:
+        """Prepare disks now (e.g. linked clones) instead of at the first start."""
+        async with self._lock:
+            self._refuse_if_closed("prepare disks")
+            self.directory.mkdir(parents=True, exist_ok=True)
+            await self._guard("prepare", self.hooks.prepare(self))
+            await self._guard("prepare disks", self.hooks.prepare_disks(self))
+
+    async def dry_run(self) -> list[str]:
+        """The command line a start would use now; nothing is started or created."""
+        async with self._lock:
+            await self._guard("prepare", self.hooks.prepare(self))
+            return self.hooks.build_args(self)
+
+    async def start(self) -> None:
+        """Start the node; a suspended node is resumed, a started one left alone."""
+        async with self._lock:
+            self._refuse_if_closed("start")
+            if self.status is NodeStatus.SUSPENDED:
+                await self._resume()
+                return
+            if self.status is NodeStatus.STARTED:
+                return
+            self._set_status(NodeStatus.STARTING)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                await self.hooks.prepare(self)
+                await self.hooks.prepare_disks(self)
+                self.argv = self.hooks.build_args(self)
+                await self.hooks.start(self, self.argv)
+                await self.hooks.started(self)
+            except BaseException as exc:
+                # Shielded: a cancelled start (Ctrl-C) must still take its processes down.
+                await asyncio.shield(self._stop_after_failure())
+                if isinstance(exc, EmuError | asyncio.CancelledError):
+                    raise
+                if isinstance(exc, Exception):
+                    raise NodeError(self.name, f"start failed: {exc}") from exc
+                raise
+            self._set_status(NodeStatus.STARTED)
+
+    async def _stop_after_failure(self) -> None:
+        try:
+            await self.hooks.stop(self)
+        except Exception as exc:
+            log.exception("%s: cleanup after a failed start failed", self.name)
+            self.emit("error", f"cleanup after a failed start failed: {exc}")
+        self.console = None
+        self._set_status(NodeStatus.STOPPED, "start failed")
+
+    async def stop(self) -> None:
+        """Stop the node (no-op when stopped); bounded: plugins end with a kill."""
+        async with self._lock:
+            await self._stop()
+
+    async def _stop(self) -> None:
+        if self.status is NodeStatus.STOPPED:
+            return
+        self._set_status(NodeStatus.STOPPING)
+        try:
+            await asyncio.shield(self.hooks.stop(self))
+        finally:
+            self.console = None
+            self._set_status(NodeStatus.STOPPED)
+
+    async def suspend(self) -> None:
+        """Pause a started node (no-op when suspended)."""
+        async with self._lock:
+            if self.status is NodeStatus.SUSPENDED:
+                return
+            self._require(NodeStatus.STARTED, "suspend")
+            await self._guard("suspend", self.hooks.suspend(self))
+            self._set_status(NodeStatus.SUSPENDED)
+
+    async def resume(self) -> None:
+        """Let a suspended node run (no-op when started)."""
+        async with self._lock:
+            if self.status is NodeStatus.STARTED:
+                return
+            self._require(NodeStatus.SUSPENDED, "resume")
+            await self._resume()
+
+    async def _resume(self) -> None:
+        await self._guard("resume", self.hooks.resume(self))
+        self._set_status(NodeStatus.STARTED)
+
+    async def reload(self) -> None:
+        """Reset a running node as a power cycle would; it runs afterwards."""
+        async with self._lock:
+            self._require_running("reload")
+            await self._guard("reload", self.hooks.reload(self))
+            self._set_status(NodeStatus.STARTED, "reloaded")
+
+    async def close(self) -> None:
+        """Stop the node and release what it holds; it cannot be used afterwards."""
+        async with self._lock:
+            if self.closed:
+                return
+            await self._stop()
+            try:
+                await self._guard("close", self.hooks.close(self))
+            finally:
+                self.closed = True
+
+    # -- network ---------------------------------------------------------------------------
+
+    async def attach_nio(self, adapter: int, nio: Nio) -> None:
+        """Connect ``adapter`` to ``nio``; on a running node live, replacing any NIO it has."""
+        async with self._lock:
+            current = self._adapter(adapter)
+            if self.is_running:
+                if current.nio is None:
+                    await self._guard("attach", self.hooks.attach_nio(self, adapter, nio))
+                elif current.nio != nio:
+                    await self._guard(
+                        "relink", self.hooks.update_nio(self, adapter, current.nio, nio)
+                    )
+            self._replace_adapter(attrs.evolve(current, nio=nio))
+
+    async def detach_nio(self, adapter: int) -> None:
+        """Disconnect ``adapter`` (no-op if it has no NIO); the guest keeps its NIC."""
+        async with self._lock:
+            current = self._adapter(adapter)
+            if current.nio is None:
+                return
+            if self.is_running:
+                await self._guard("detach", self.hooks.detach_nio(self, adapter, current.nio))
+            self._replace_adapter(attrs.evolve(current, nio=None))
+
+    async def set_link(self, adapter: int, up: bool) -> None:
+        """Take an adapter's link down or up as the guest sees it, keeping its NIO."""
+        async with self._lock:
+            current = self._adapter(adapter)
+            if self.is_running:
+                await self._guard("set link", self.hooks.set_link(self, adapter, up))
+            self._replace_adapter(attrs.evolve(current, link_up=up))
+
+    async def start_capture(self, adapter: int, path: Path) -> None:
+        """Write the frames crossing ``adapter`` to the pcap file ``path``.
+
+        :raises NodeStateError: the node is not running, or the adapter is captured already.
+        :raises NodeError: no plugin can capture on this adapter.
+        """
+        async with self._lock:
+            current = self._adapter(adapter)
+            self._require_running("capture")
+            if current.capture is not None:
+                raise NodeStateError(
+                    self.name,
+                    f"adapter {adapter} is already captured to {current.capture};"
+                    " stop that capture first",
+                )
+            path = Path(path).absolute()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            taken = await self._guard("capture", self.hooks.capture(self, adapter, path))
+            if not taken:
+                raise NodeError(self.name, f"no plugin can capture on adapter {adapter}")
+            self._replace_adapter(attrs.evolve(current, capture=path))
+
+    async def stop_capture(self, adapter: int) -> None:
+        """Stop the capture on ``adapter``; the file stays.
+
+        :raises NodeStateError: no capture runs on that adapter.
+        """
+        async with self._lock:
+            current = self._adapter(adapter)
+            if current.capture is None:
+                raise NodeStateError(self.name, f"adapter {adapter} is not being captured")
+            try:
+                if self.is_running:
+                    await self._guard("stop capture", self.hooks.stop_capture(self, adapter))
+            finally:
+                self._replace_adapter(attrs.evolve(current, capture=None))
+
+    def _adapter(self, number: int) -> Adapter:
+        if not 0 <= number < len(self.adapters):
+            raise NodeError(
+                self.name, f"adapter {number} does not exist (adapters 0..{len(self.adapters) - 1})"
+            )
+        return self.adapters[number]
+
+    def _replace_adapter(self, adapter: Adapter) -> None:
+        adapters = list(self.adapters)
+        adapters[adapter.number] = adapter
+        self.adapters = tuple(adapters)
+
+    # -- emulator exits --------------------------------------------------------------------
+
+    def emulator_exited(
+        self, returncode: int | None, log_tail: str = "", message: str = "", kind: str = "error"
+    ) -> None:
+        """Called by the emulator plugin the moment its process ended on its own.
+
+        While the node is started or suspended, the node is cleaned up through ``emu_stop``,
+        becomes stopped, and an event of ``kind`` (``error`` unless the plugin knows the guest
+        powered off on purpose: ``info``) carries ``message``, the exit code and
+        ``log_tail``. During a start or a stop this is expected and ignored here.
+        """
+        if self.status not in RUNNING:
+            return
+        message = message or f"emulator exited unexpectedly (exit code {returncode})"
+        work = self._after_exit(message, log_tail, kind)
+        task = asyncio.get_running_loop().create_task(work)
+        self._exit_tasks.add(task)
+        task.add_done_callback(self._exit_tasks.discard)
+
+    async def _after_exit(self, message: str, log_tail: str, kind: str) -> None:
+        async with self._lock:
+            if self.status not in RUNNING:
+                return
+            await self._stop()
+            self.emit(kind, message, log_tail)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _refuse_if_closed(self, action: str) -> None:
+        if self.closed:
+            raise NodeStateError(self.name, f"cannot {action}: the node was closed")
+
+    def _require(self, status: NodeStatus, action: str) -> None:
+        if self.status is not status:
+            raise NodeStateError(
+                self.name, f"cannot {action}: the node is {self.status.value}, not {status.value}"
+            )
+
+    def _require_running(self, action: str) -> None:
+        if self.status not in RUNNING:
+            raise NodeStateError(
+                self.name, f"cannot {action}: the node is {self.status.value}, not running"
+            )
+
+    async def _guard(self, action: str, work: Any) -> Any:
+        """Await ``work``; wrap unexpected exceptions in a NodeError naming the action."""
+        try:
+            return await work
+        except EmuError:
+            raise
+        except Exception as exc:
+            raise NodeError(self.name, f"{action} failed: {exc}") from exc

@@ -1,0 +1,85 @@
+"""A minimal pcap writer: Ethernet frames with microsecond timestamps, readable while written.
+
+The classic libpcap format (not pcapng), which Wireshark, tcpdump and dpkt all read::
+
+    global header   magic, version 2.4, zone, sigfigs, snaplen, link type
+    per frame       seconds, microseconds, captured length, original length, frame bytes
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+MAGIC = 0xA1B2C3D4
+LINKTYPE_ETHERNET = 1
+SNAPLEN = 65535
+
+# Native byte order, as libpcap writes it; readers tell the order from the magic number.
+_GLOBAL_HEADER = struct.Struct("=IHHiIII")
+_RECORD_HEADER = struct.Struct("=IIII")
+
+
+class PcapWriter:
+    """Writes Ethernet frames to a pcap file, flushed frame by frame so a reader sees them now.
+
+    :ivar path: the file being written.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Create (or truncate) ``path`` and write the global header.
+
+        :param path: the pcap file.
+        :raises OSError: the file cannot be created or written.
+        """
+        self.path = Path(path)
+        self._file: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 - kept open until close()
+        try:
+            self._file.write(_GLOBAL_HEADER.pack(MAGIC, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
+            self._file.flush()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._file is None
+
+    def write(self, frame: bytes, timestamp: float) -> None:
+        """Append one frame.
+
+        :param frame: the Ethernet frame, from the destination MAC on (no FCS); frames longer
+            than the snap length are cut, their original length is kept.
+        :param timestamp: when the frame was seen, in seconds since the epoch.
+        :raises ValueError: the writer is closed.
+        :raises OSError: the file cannot be written (e.g. the disk is full).
+        """
+        if self._file is None:
+            raise ValueError(f"pcap file {self.path} is closed")
+        seconds, micros = divmod(round(timestamp * 1_000_000), 1_000_000)
+        caplen = min(len(frame), SNAPLEN)
+        self._file.write(_RECORD_HEADER.pack(seconds, micros, caplen, len(frame)))
+        self._file.write(frame if caplen == len(frame) else frame[:caplen])
+        # Header and frame usually leave in one write(2): a reader never waits for a buffer.
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+
+    def __enter__(self) -> PcapWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

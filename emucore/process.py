@@ -1,0 +1,152 @@
+"""Child processes that cannot outlive their host: spawn, watch, terminate, reap leftovers.
+
+Every emulator or helper process (QEMU, VPCS, cpulimit) is started through :func:`spawn`:
+
+* the kernel sends it SIGTERM when the host process dies, even by SIGKILL
+  (``PR_SET_PDEATHSIG``; it fires when the spawning *thread* ends, so spawn from the event
+  loop's thread, which lives as long as the host);
+* it gets its own session, so a Ctrl-C on the host's terminal reaches the host only and the
+  host stops its nodes in order;
+* its files are created with mode 0600/0700 (umask 077): QMP sockets, logs, captures;
+* a pidfile lets the next start kill a leftover from a host that died before the kernel
+  could help (e.g. a reboot of a container without PID namespaces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+_PR_SET_PDEATHSIG = 1
+_libc: Any = None
+
+
+def _load_libc() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def _child_setup(parent: int, libc: Any) -> None:
+    """Runs in the child between fork and exec: async-signal-safe calls only."""
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the host died before prctl took effect
+        os._exit(1)
+    os.umask(0o077)
+
+
+async def spawn(
+    argv: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    output: IO[Any] | int | None = asyncio.subprocess.DEVNULL,
+    stdin: int | None = asyncio.subprocess.DEVNULL,
+) -> asyncio.subprocess.Process:
+    """Start ``argv`` as a child that dies with the host (see the module docstring).
+
+    :param argv: the command line; never a shell string.
+    :param cwd: working directory of the child.
+    :param output: where stdout and stderr go (a file, ``PIPE`` or ``DEVNULL``).
+    :param stdin: the child's stdin (``DEVNULL`` by default).
+    """
+    libc = _load_libc()
+    parent = os.getpid()
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        stdin=stdin,
+        stdout=output,
+        stderr=asyncio.subprocess.STDOUT if output is not None else None,
+        start_new_session=True,
+        preexec_fn=lambda: _child_setup(parent, libc),
+    )
+
+
+async def terminate(process: asyncio.subprocess.Process, grace: float = 5.0) -> int | None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL and wait: bounded, and final.
+
+    :return: the exit code.
+    """
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await asyncio.wait_for(process.wait(), 10)
+    return process.returncode
+
+
+def write_pidfile(path: Path, pid: int, marker: str) -> None:
+    """Record ``pid`` with a ``marker`` that must appear in its command line to be ours."""
+    path.write_text(f"{pid}\n{marker}\n")
+
+
+async def reap_pidfile(path: Path, timeout: float = 5.0) -> int | None:
+    """Kill the process a leftover pidfile names if it is still ours; remove the file.
+
+    The marker (e.g. the node's directory) guards against killing an unrelated process
+    that reused the pid. Waits (bounded) until the process is gone, so its ports are free.
+
+    :return: the pid killed, if any.
+    """
+    try:
+        pid_text, marker = path.read_text().split("\n")[:2]
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return None
+    killed = None
+    if marker and marker in _cmdline(pid):
+        with contextlib.suppress(ProcessLookupError):
+            killed = await _kill_and_wait(pid, timeout)
+    path.unlink(missing_ok=True)
+    return killed
+
+
+async def _kill_and_wait(pid: int, timeout: float) -> int:
+    """SIGKILL a process that is not our child and wait until it is gone (its pidfd reads)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        gone = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(pidfd, gone.set)
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gone.wait(), timeout)
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+    return pid
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file ('' if unreadable)."""
+    try:
+        with path.open("rb") as log:
+            log.seek(0, os.SEEK_END)
+            size = log.tell()
+            log.seek(max(0, size - 16384))
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

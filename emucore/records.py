@@ -1,0 +1,74 @@
+"""Small typed records that hook implementations return."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import attrs
+
+
+class EmulatorProperties(Protocol):
+    """What the core needs from an emulator's properties class (an attrs class)."""
+
+    @property
+    def adapter_count(self) -> int:
+        """How many network adapters the node has (adapter numbers are 0..count-1)."""
+        ...
+
+
+@attrs.frozen
+class EmulatorInfo:
+    """An emulator kind a plugin provides, returned by ``emu_emulators``.
+
+    :ivar name: the kind, as written in node descriptions (``emulator = "qemu"``); plugins
+        that set ``EMULATOR = name`` at module level only see nodes of this kind.
+    :ivar properties: attrs class of a node's properties; built from the node description
+        (minus ``name``, ``node_id``, ``emulator`` and ``nios``) by the core's converter, so
+        unknown keys and bad values are refused with the field's path. Must provide
+        ``adapter_count`` (see :class:`EmulatorProperties`).
+    :ivar settings: attrs class of the host's settings for this emulator (all fields with
+        defaults), built from ``HostSettings.emulators[name]``; ``None`` if it has none.
+    :ivar description: one line for ``emu plugins``.
+    """
+
+    name: str
+    properties: type[Any]
+    settings: type[Any] | None = None
+    description: str = ""
+
+
+def _as_args(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(items)
+
+
+@attrs.frozen
+class ArgFragment:
+    """A piece of an emulator's command line, returned by ``emu_build_args``.
+
+    The core sorts fragments by ``position`` (stable: equal positions keep hook call order)
+    and concatenates their ``args``. The QEMU plugin documents its positions in
+    ``emu_qemu.positions``; a plugin adding options picks a position between them.
+
+    :ivar position: where the fragment goes; 0 is the program itself.
+    :ivar args: the argv items, never a shell string.
+    :ivar source: who contributed it (a plugin name), for ``emu argv --explain`` and errors.
+    """
+
+    position: int
+    args: tuple[str, ...] = attrs.field(converter=_as_args)
+    source: str = ""
+
+
+@attrs.frozen
+class CheckResult:
+    """One line of ``emu check``, returned by ``emu_check``.
+
+    :ivar subject: what was checked (``qemu-system-x86_64``, ``kvm``, ``vpcs``).
+    :ivar ok: whether it is usable.
+    :ivar detail: version, path, or why it is not usable and what to do.
+    """
+
+    subject: str
+    ok: bool
+    detail: str

@@ -1,0 +1,214 @@
+"""A session: one project open on this host, with its nodes, ports and events.
+
+This is what a host program holds::
+
+    async with Session(Project.for_directory(path)) as session:
+        node = session.add_node({"name": "R1", "emulator": "qemu", "ram": 256})
+        await node.start()
+    # leaving the block stops and closes every node
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import pluggy
+
+from emucore.convert import structure
+from emucore.errors import ConfigError, EmuError, PluginError
+from emucore.events import EventBus
+from emucore.hooks import NodeHooks
+from emucore.models import HostSettings, Nio, NodeConfig, Project
+from emucore.node import Node
+from emucore.plugins import emulators, make_plugin_manager
+from emucore.ports import PortAllocator
+from emucore.records import EmulatorInfo
+
+_NIOS: Any = Mapping[int, Nio]
+
+# Keys the core reads from a node description; every other key is an emulator property.
+_CORE_KEYS = ("name", "node_id", "emulator", "nios")
+
+
+class Session:
+    """The nodes of one project and what they share.
+
+    :ivar project: the project.
+    :ivar settings: the host's settings.
+    :ivar plugins: the plugin manager (one per session unless the host passes its own).
+    :ivar events: every node's events.
+    :ivar ports: UDP port allocator for tunnels.
+    :ivar nodes: the nodes by name.
+    """
+
+    def __init__(
+        self,
+        project: Project,
+        *,
+        settings: HostSettings | None = None,
+        plugins: pluggy.PluginManager | None = None,
+    ) -> None:
+        self.project = project
+        self.settings = settings or HostSettings()
+        self.plugins = plugins or make_plugin_manager(blocked=self.settings.blocked_plugins)
+        self.events = EventBus()
+        self.ports = PortAllocator(self.settings.udp_host, self.settings.udp_ports)
+        self.nodes: dict[str, Node] = {}
+        self._emulators: dict[str, EmulatorInfo] | None = None
+        self._emulator_settings: dict[str, Any] = {}
+
+    @property
+    def emulators(self) -> dict[str, EmulatorInfo]:
+        """The emulator kinds the loaded plugins provide."""
+        if self._emulators is None:
+            self._emulators = emulators(self.plugins)
+        return self._emulators
+
+    def emulator(self, kind: str) -> EmulatorInfo:
+        """The emulator ``kind``.
+
+        :raises PluginError: no loaded plugin provides it.
+        """
+        try:
+            return self.emulators[kind]
+        except KeyError:
+            known = ", ".join(sorted(self.emulators)) or "none"
+            raise PluginError(
+                f"no plugin provides the emulator {kind!r} (loaded: {known});"
+                " is its package installed, or is it blocked?"
+            ) from None
+
+    def emulator_settings(self, kind: str) -> Any:
+        """The host's settings for emulator ``kind``, structured by its settings class."""
+        if kind not in self._emulator_settings:
+            info = self.emulator(kind)
+            raw = self.settings.emulators.get(kind, {})
+            if info.settings is None:
+                if raw:
+                    raise ConfigError(f"settings for {kind}", ["$: this emulator has no settings"])
+                self._emulator_settings[kind] = None
+            else:
+                where = f"settings.emulators.{kind}"
+                self._emulator_settings[kind] = structure(dict(raw), info.settings, where)
+        return self._emulator_settings[kind]
+
+    def node_config(
+        self, description: Mapping[str, Any], *, emulator: str | None = None, where: str = ""
+    ) -> NodeConfig:
+        """Validate a node description (GNS3-style flat properties) into a NodeConfig.
+
+        :param description: ``name``, optional ``node_id``, ``emulator`` (unless given as
+            an argument), optional ``nios`` and the emulator's properties.
+        :param emulator: the emulator kind, when the description does not say it.
+        :param where: where the description came from, for error messages.
+        :raises ConfigError: listing every bad field.
+        """
+        if not isinstance(description, Mapping):
+            raise ConfigError(
+                where, [f"$: must be a table of node properties, got {description!r}"]
+            )
+        kind = emulator or description.get("emulator")
+        name = description.get("name")
+        where = where or (f"node {name!r}" if isinstance(name, str) else "node")
+        if not isinstance(kind, str):
+            raise ConfigError(where, ['$.emulator: required (e.g. "qemu")'])
+        info = self.emulator(kind)
+        problems: list[str] = []
+        properties = {k: v for k, v in description.items() if k not in _CORE_KEYS}
+        props = _collect(problems, "$", properties, info.properties)
+        nios = _collect(problems, "$.nios", description.get("nios", {}), _NIOS)
+        node_id = description.get("node_id") or str(self._node_id(name))
+        header = {"name": name, "emulator": kind, "id": node_id, "properties": None}
+        config = _collect(problems, "$", header, NodeConfig)
+        if config is not None and nios is not None and props is not None:
+            count = props.adapter_count
+            problems += [
+                f"$.nios[{n}]: adapter {n} does not exist (the node has {count})"
+                for n in nios
+                if n >= count
+            ]
+        if problems:
+            raise ConfigError(where, problems)
+        return NodeConfig(config.name, kind, config.id, props, nios)
+
+    def _node_id(self, name: Any) -> uuid.UUID:
+        # Same project + same name = same id = same directory: overlays survive a re-run.
+        return uuid.uuid5(self.project.id, str(name))
+
+    def add_node(
+        self, description: Mapping[str, Any], *, emulator: str | None = None, where: str = ""
+    ) -> Node:
+        """Create a node from its description (see :meth:`node_config`); it starts stopped.
+
+        :raises ConfigError: the description is invalid or the name is taken.
+        """
+        config = self.node_config(description, emulator=emulator, where=where)
+        return self.add_node_config(config)
+
+    def add_node_config(self, config: NodeConfig) -> Node:
+        """Create a node from an already validated :class:`NodeConfig`."""
+        if config.name in self.nodes:
+            raise ConfigError(f"node {config.name!r}", ["$.name: a node with this name exists"])
+        node = Node(
+            config,
+            project=self.project,
+            hooks=NodeHooks(self.plugins, config.emulator),
+            events=self.events,
+            ports=self.ports,
+            settings=self.settings,
+            emulator_settings=self.emulator_settings(config.emulator),
+            adapter_count=config.properties.adapter_count,
+        )
+        node.hooks.node_created(node)
+        self.nodes[config.name] = node
+        return node
+
+    def node(self, name: str) -> Node:
+        """The node called ``name``.
+
+        :raises EmuError: there is none.
+        """
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise EmuError(f"no node named {name!r} in this project") from None
+
+    async def remove_node(self, name: str) -> None:
+        """Stop and close a node and forget it."""
+        node = self.node(name)
+        await node.close()
+        del self.nodes[name]
+
+    async def close(self) -> None:
+        """Stop and close every node, concurrently; then release the session's ports."""
+        results = await asyncio.gather(
+            *(node.close() for node in self.nodes.values()), return_exceptions=True
+        )
+        self.ports.release_all()
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _collect(problems: list[str], prefix: str, data: Any, cls: Any) -> Any:
+    """Structure ``data``; on failure add its problems (under ``prefix``) and return None."""
+    try:
+        return structure(data, cls)
+    except ConfigError as exc:
+        problems += [prefix + problem.removeprefix("$") for problem in exc.problems]
+        return None
