@@ -1,0 +1,208 @@
+"""The QEMU process: launch it paused, control it over QMP, stop it for sure.
+
+Start: QEMU runs in the node directory with ``-S`` (CPUs paused) and QMP on ``qmp.sock``;
+its stdout and stderr go to ``qemu.log``, which begins with the command line. Once QMP
+answers, ``cont`` lets the guest run. A task waits on the process, so an exit is seen at
+once, not by polling.
+
+Stop: ``on_close = shutdown_signal`` asks the guest to power off (ACPI) and waits
+``powerdown_timeout`` seconds; then SIGTERM, wait, SIGKILL, wait. ``power_off`` goes straight
+to SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+from qemu.qmp import EventListener
+
+from emu_qemu import positions
+from emu_qemu.properties import QemuSettings
+from emu_qemu.qmp import MONITOR, SOCKET_NAME, Monitor, QmpError, monitor_of
+from emucore import hookimpl
+from emucore.errors import EmulatorExitedError
+from emucore.node import Node
+from emucore.process import log_tail, reap_pidfile, spawn, terminate, write_pidfile
+from emucore.records import ArgFragment
+from emucore.stash import StashKey
+
+EMULATOR = "qemu"
+
+LOG_NAME = "qemu.log"
+PIDFILE_NAME = "qemu.pid"
+
+
+@attrs.define
+class QemuProcess:
+    """A running QEMU.
+
+    :ivar process: the asyncio process.
+    :ivar watcher: the task waiting for its exit.
+    :ivar events: the task reading QMP events.
+    :ivar stopping: set when emu stops it, so its exit is not reported as a crash.
+    :ivar shutdown_reason: the reason of QEMU's last SHUTDOWN event, if any.
+    """
+
+    process: asyncio.subprocess.Process
+    watcher: asyncio.Task[None] | None = None
+    events: asyncio.Task[None] | None = None
+    stopping: bool = False
+    shutdown_reason: str = ""
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.process.returncode is None
+
+
+PROCESS = StashKey[QemuProcess]()
+
+
+def _settings(node: Node) -> QemuSettings:
+    settings = node.emulator_settings
+    return settings if isinstance(settings, QemuSettings) else QemuSettings()
+
+
+def qemu_pid(node: Node) -> int | None:
+    """The pid of the node's QEMU while it runs."""
+    running = node.stash.get(PROCESS, None)
+    return running.process.pid if running and running.alive else None
+
+
+@hookimpl(trylast=True)
+def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+    """``-S`` (start paused) and QMP on a UNIX socket in the node directory; never HMP or TCP."""
+    qmp = f"unix:{SOCKET_NAME},server=on,wait=off"
+    return [ArgFragment(positions.CONTROL, ["-S", "-qmp", qmp], "qemu.process")]
+
+
+@hookimpl(trylast=True)
+async def emu_start(node: Node, argv: Sequence[str]) -> None:
+    """Launch QEMU, connect QMP, release the CPUs."""
+    settings = _settings(node)
+    directory = node.directory
+    await reap_pidfile(directory / PIDFILE_NAME)
+    (directory / SOCKET_NAME).unlink(missing_ok=True)
+    log_path = directory / LOG_NAME
+    with log_path.open("w") as log:
+        log.write(shlex.join(argv) + "\n")
+        log.flush()
+        process = await spawn(argv, cwd=directory, output=log)
+    write_pidfile(directory / PIDFILE_NAME, process.pid, str(directory))
+    running = QemuProcess(process)
+    node.stash[PROCESS] = running
+    running.watcher = asyncio.get_running_loop().create_task(_watch(node, running, log_path))
+    try:
+        monitor = await Monitor.connect(
+            directory / SOCKET_NAME,
+            timeout=settings.start_timeout,
+            command_timeout=settings.qmp_timeout,
+            alive=lambda: running.alive,
+        )
+    except QmpError as exc:
+        await _wait_briefly(process)
+        raise EmulatorExitedError(
+            node.name, f"QEMU did not start: {exc}", process.returncode, log_tail(log_path)
+        ) from None
+    node.stash[MONITOR] = monitor
+    listener = monitor.listener("SHUTDOWN")
+    running.events = asyncio.get_running_loop().create_task(_remember_shutdown(running, listener))
+    try:
+        await monitor.execute("cont")
+    except QmpError as exc:
+        await _wait_briefly(process)
+        raise EmulatorExitedError(
+            node.name, f"QEMU did not start: {exc}", process.returncode, log_tail(log_path)
+        ) from None
+
+
+def _start_failed(
+    node: Node, exc: Exception, process: asyncio.subprocess.Process, log_path: Path
+) -> EmulatorExitedError:
+    return EmulatorExitedError(
+        node.name, f"QEMU did not start: {exc}", process.returncode, log_tail(log_path)
+    )
+
+
+async def _wait_briefly(process: asyncio.subprocess.Process) -> None:
+    # QEMU that failed usually exits within milliseconds: give the exit code a chance.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.wait(), 2)
+
+
+async def _remember_shutdown(running: QemuProcess, listener: EventListener) -> None:
+    # The exit that follows a guest power-off is not a crash: remember why QEMU shut down.
+    with contextlib.suppress(Exception):
+        async for event in listener:
+            data = event.get("data", {})
+            running.shutdown_reason = str(data.get("reason", "")) if isinstance(data, dict) else ""
+
+
+async def _watch(node: Node, running: QemuProcess, log_path: Path) -> None:
+    returncode = await running.process.wait()
+    if running.stopping:
+        return
+    reason = running.shutdown_reason
+    if reason == "guest-shutdown":
+        node.emulator_exited(returncode, "", "the guest powered off", kind="info")
+    else:
+        node.emulator_exited(returncode, log_tail(log_path))
+
+
+@hookimpl(trylast=True)
+async def emu_stop(node: Node) -> None:
+    """Power the guest off (ACPI, bounded) if asked, then terminate QEMU; clean up."""
+    running = node.stash.pop(PROCESS, None)
+    monitor = node.stash.pop(MONITOR, None)
+    if running is not None:
+        running.stopping = True
+        if running.alive and monitor is not None and node.properties.on_close == "shutdown_signal":
+            await _acpi_shutdown(node, running, monitor)
+        await terminate(running.process)
+        if running.watcher is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await running.watcher
+        if running.events is not None:
+            running.events.cancel()
+    if monitor is not None:
+        await monitor.close()
+    (node.directory / SOCKET_NAME).unlink(missing_ok=True)
+    (node.directory / PIDFILE_NAME).unlink(missing_ok=True)
+
+
+async def _acpi_shutdown(node: Node, running: QemuProcess, monitor: Monitor) -> None:
+    timeout = _settings(node).powerdown_timeout
+    try:
+        await monitor.execute("system_powerdown")
+        await asyncio.wait_for(running.process.wait(), timeout)
+    except QmpError as exc:
+        node.emit("warning", f"ACPI shutdown request failed ({exc}); terminating QEMU")
+    except TimeoutError:
+        node.emit("warning", f"the guest did not power off within {timeout:g} s; terminating QEMU")
+
+
+@hookimpl(trylast=True)
+async def emu_suspend(node: Node) -> None:
+    """QMP ``stop``: the guest's CPUs pause."""
+    await monitor_of(node).execute("stop")
+
+
+@hookimpl(trylast=True)
+async def emu_resume(node: Node) -> None:
+    """QMP ``cont``."""
+    await monitor_of(node).execute("cont")
+
+
+@hookimpl(trylast=True)
+async def emu_reload(node: Node) -> None:
+    """QMP ``system_reset``, then ``cont`` if the VM was paused."""
+    monitor = monitor_of(node)
+    await monitor.execute("system_reset")
+    status = await monitor.execute("query-status")
+    if not status.get("running", False):
+        await monitor.execute("cont")

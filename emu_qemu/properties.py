@@ -1,0 +1,199 @@
+"""QEMU node properties (GNS3's names, so a GNS3 node description works as it is) and settings.
+
+Every field is documented in ``docs/qemu-node.md`` with its default and the argv it produces.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from emucore.validators import in_range, matches, one_of, printable
+
+PLATFORMS = frozenset(
+    "aarch64 alpha arm cris hppa i386 loongarch64 m68k microblaze microblazeel mips mips64"
+    " mips64el mipsel nios2 or1k ppc ppc64 riscv32 riscv64 rx s390x sh4 sh4eb sparc sparc64"
+    " tricore x86_64 xtensa xtensaeb".split()
+)
+
+# PCI NIC models QEMU 7.2 offers; GNS3's "virtio" means virtio-net-pci.
+ADAPTER_TYPES = frozenset(
+    "e1000 e1000-82544gc e1000-82545em e1000e i82550 i82551 i82557a i82557b i82557c i82558a"
+    " i82558b i82559a i82559b i82559c i82559er i82562 i82801 ne2k_pci pcnet rtl8139 tulip"
+    " virtio virtio-net-pci vmxnet3".split()
+)
+
+DISK_INTERFACES = frozenset(
+    ("ide", "sata", "scsi", "virtio", "nvme", "sd", "mtd", "floppy", "pflash", "none")
+)
+BOOT_PRIORITIES = frozenset(("c", "d", "n", "cn", "cd", "dn", "dc", "nc", "nd"))
+CONSOLE_TYPES = frozenset(("telnet", "vnc", "spice", "none"))
+ON_CLOSE = frozenset(("power_off", "shutdown_signal"))
+PROCESS_PRIORITIES = frozenset(("realtime", "very high", "high", "normal", "low", "very low"))
+DRIVES = ("a", "b", "c", "d")
+
+MAX_ADAPTERS = 275
+_MAC = r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}"
+
+
+def _unicast_mac(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
+    if not value:
+        return
+    matches(_MAC, "a MAC address like 0c:12:34:56:78:00")(_inst, _attr, value)
+    if int(value[:2], 16) & 1:
+        raise ValueError(f"must be a unicast MAC address (first byte even); got {value!r}")
+
+
+def _shell_words(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
+    try:
+        shlex.split(value)
+    except ValueError as exc:
+        raise ValueError(f"cannot be split into arguments ({exc}): {value!r}") from None
+
+
+def _refuse_legacy(_inst: Any, _attr: attrs.Attribute[Any], value: bool) -> None:
+    if value:
+        raise ValueError(
+            "is not supported: it produces '-net nic,vlan=...', which QEMU removed in 3.0;"
+            " set it to false (emu connects adapters with -netdev)"
+        )
+
+
+def _at_least_cpus(inst: QemuProperties, _attr: attrs.Attribute[Any], value: int) -> None:
+    in_range(1, 255)(inst, _attr, value)
+    if value < inst.cpus:
+        raise ValueError(f"must be at least cpus ({inst.cpus}); got {value}")
+
+
+@attrs.frozen
+class CustomAdapter:
+    """Per-adapter overrides (GNS3 ``custom_adapters`` items).
+
+    :ivar adapter_number: which adapter (0-based).
+    :ivar adapter_type: NIC model for this adapter instead of ``adapter_type``.
+    :ivar mac_address: MAC address for this adapter instead of the derived one.
+    :ivar port_name: GNS3's label for the port; kept for compatibility, not used.
+    """
+
+    adapter_number: int = attrs.field(validator=in_range(0, MAX_ADAPTERS - 1))
+    adapter_type: str = attrs.field(default="", validator=one_of(ADAPTER_TYPES | {""}))
+    mac_address: str = attrs.field(default="", validator=_unicast_mac)
+    port_name: str = attrs.field(default="", validator=printable(100, allow_empty=True))
+
+
+def _custom_adapters(
+    inst: QemuProperties, _attr: attrs.Attribute[Any], value: tuple[CustomAdapter, ...]
+) -> None:
+    seen: set[int] = set()
+    for item in value:
+        if item.adapter_number >= inst.adapters:
+            raise ValueError(
+                f"adapter_number {item.adapter_number} does not exist"
+                f" (the node has {inst.adapters} adapters)"
+            )
+        if item.adapter_number in seen:
+            raise ValueError(f"adapter_number {item.adapter_number} appears twice")
+        seen.add(item.adapter_number)
+
+
+def _image(what: str) -> Any:
+    return attrs.field(
+        default="", validator=printable(4096, allow_empty=True), metadata={"image": what}
+    )
+
+
+def _cdrom_without_hdc(inst: QemuProperties, _attr: attrs.Attribute[Any], value: str) -> None:
+    printable(4096, allow_empty=True)(inst, _attr, value)
+    if value and inst.hdc_disk_image:
+        raise ValueError(
+            "cannot be used together with hdc_disk_image: the cdrom takes the hdc slot"
+            " (IDE index 2); move that disk to hdd_disk_image"
+        )
+
+
+@attrs.frozen
+class QemuProperties:
+    """The properties of a QEMU node (see ``docs/qemu-node.md``)."""
+
+    qemu_path: str = attrs.field(default="", validator=printable(4096, allow_empty=True))
+    platform: str = attrs.field(default="", validator=one_of(PLATFORMS | {""}))
+    ram: int = attrs.field(default=256, validator=in_range(1, 1 << 22))
+    cpus: int = attrs.field(default=1, validator=in_range(1, 255))
+    maxcpus: int = attrs.field(default=1, validator=_at_least_cpus)
+    adapters: int = attrs.field(default=1, validator=in_range(0, MAX_ADAPTERS))
+    adapter_type: str = attrs.field(default="e1000", validator=one_of(ADAPTER_TYPES))
+    custom_adapters: tuple[CustomAdapter, ...] = attrs.field(default=(), validator=_custom_adapters)
+    mac_address: str = attrs.field(default="", validator=_unicast_mac)
+    hda_disk_image: str = _image("disk")
+    hdb_disk_image: str = _image("disk")
+    hdc_disk_image: str = _image("disk")
+    hdd_disk_image: str = _image("disk")
+    hda_disk_interface: str = attrs.field(default="none", validator=one_of(DISK_INTERFACES))
+    hdb_disk_interface: str = attrs.field(default="none", validator=one_of(DISK_INTERFACES))
+    hdc_disk_interface: str = attrs.field(default="none", validator=one_of(DISK_INTERFACES))
+    hdd_disk_interface: str = attrs.field(default="none", validator=one_of(DISK_INTERFACES))
+    cdrom_image: str = attrs.field(
+        default="", validator=_cdrom_without_hdc, metadata={"image": "cdrom"}
+    )
+    bios_image: str = _image("bios")
+    initrd: str = _image("initrd")
+    kernel_image: str = _image("kernel")
+    kernel_command_line: str = attrs.field(default="", validator=printable(4096, allow_empty=True))
+    boot_priority: str = attrs.field(default="c", validator=one_of(BOOT_PRIORITIES))
+    console: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(in_range(0, 65535))
+    )
+    console_type: str = attrs.field(default="telnet", validator=one_of(CONSOLE_TYPES))
+    linked_clone: bool = True
+    on_close: str = attrs.field(default="power_off", validator=one_of(ON_CLOSE))
+    cpu_throttling: int = attrs.field(default=0, validator=in_range(0, 800))
+    process_priority: str = attrs.field(default="low", validator=one_of(PROCESS_PRIORITIES))
+    options: str = attrs.field(
+        default="", validator=[printable(10_000, allow_empty=True), _shell_words]
+    )
+    legacy_networking: bool = attrs.field(default=False, validator=_refuse_legacy)
+
+    @property
+    def adapter_count(self) -> int:
+        """The number of network adapters."""
+        return self.adapters
+
+    def disk_image(self, drive: str) -> str:
+        """``hd<drive>_disk_image`` (drive is a, b, c or d)."""
+        value: str = getattr(self, f"hd{drive}_disk_image")
+        return value
+
+    def disk_interface(self, drive: str) -> str:
+        """``hd<drive>_disk_interface``, with GNS3's fail-safe: ``none`` means ``ide``."""
+        value: str = getattr(self, f"hd{drive}_disk_interface")
+        return "ide" if value == "none" else value
+
+
+KVM_MODES = frozenset(("auto", "require", "off"))
+
+
+@attrs.frozen
+class QemuSettings:
+    """The host's settings for QEMU nodes (``HostSettings.emulators["qemu"]``).
+
+    :ivar kvm: ``auto`` (KVM when a functional probe passes, else TCG with a warning),
+        ``require`` (fail when KVM does not work) or ``off`` (always TCG).
+    :ivar kvm_probe_kernel: a Linux kernel the KVM probe boots; by default the tiny guest's
+        kernel if it was built, else ``/boot/vmlinuz-*``.
+    :ivar kvm_probe_timeout: seconds the probe kernel gets to reach its panic under KVM.
+    :ivar binary_dirs: directories searched for QEMU binaries before ``PATH``.
+    :ivar powerdown_timeout: seconds a guest gets to power off after an ACPI shutdown request.
+    :ivar qmp_timeout: seconds any QMP command may take.
+    :ivar start_timeout: seconds QEMU gets to open its QMP socket.
+    """
+
+    kvm: str = attrs.field(default="auto", validator=one_of(KVM_MODES))
+    kvm_probe_kernel: str = ""
+    kvm_probe_timeout: float = attrs.field(default=10.0, validator=in_range(0.5, 600))
+    binary_dirs: tuple[Path, ...] = ()
+    powerdown_timeout: float = attrs.field(default=10.0, validator=in_range(0, 3600))
+    qmp_timeout: float = attrs.field(default=10.0, validator=in_range(0.1, 600))
+    start_timeout: float = attrs.field(default=20.0, validator=in_range(0.5, 600))

@@ -1,0 +1,154 @@
+"""Run ``qemu-img`` asynchronously with bounded waits, and remember what it said.
+
+``info`` results are cached by (path, size, mtime); so are base-image checks, on disk, so an
+unchanged base is checked once, not at every start (GNS3 checks every base at every start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from emucore.errors import EmuError
+from emucore.paths import cache_dir
+
+# qemu-img check exit codes.
+CHECK_OK, CHECK_ERROR, CHECK_CORRUPT, CHECK_LEAKS = 0, 1, 2, 3
+CHECK_UNSUPPORTED = 63
+
+
+class QemuImgError(EmuError):
+    """qemu-img failed or could not run."""
+
+
+@attrs.frozen
+class Completed:
+    """A finished qemu-img run."""
+
+    returncode: int
+    output: str
+
+
+def find_qemu_img(qemu_binary: Path | None = None) -> str:
+    """qemu-img next to the QEMU binary (same build), else on PATH.
+
+    :raises QemuImgError: not found.
+    """
+    if qemu_binary is not None:
+        beside = qemu_binary.parent / "qemu-img"
+        if os.access(beside, os.X_OK):
+            return str(beside)
+    found = shutil.which("qemu-img")
+    if found is None:
+        raise QemuImgError("qemu-img not found; install it (Debian: apt-get install qemu-utils)")
+    return found
+
+
+async def run(qemu_img: str, args: Sequence[str], timeout: float = 600.0) -> Completed:
+    """Run ``qemu-img ARGS``; kill it when it takes longer than ``timeout`` seconds."""
+    process = await asyncio.create_subprocess_exec(
+        qemu_img,
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), timeout)
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return Completed(process.returncode, out.decode(errors="replace").strip())
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+_info_cache: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+async def info(qemu_img: str, path: Path) -> dict[str, Any]:
+    """``qemu-img info --output=json`` of ``path`` (cached while the file is unchanged).
+
+    ``-U`` lets it read an image a running QEMU holds.
+    """
+    stamp = _stamp(path)
+    if stamp not in _info_cache:
+        done = await run(qemu_img, ["info", "-U", "--output=json", str(path)], timeout=60)
+        if done.returncode != 0:
+            raise QemuImgError(f"qemu-img info {path} failed: {done.output}")
+        _info_cache[stamp] = json.loads(done.output)
+    return _info_cache[stamp]
+
+
+def _checked_file() -> Path:
+    return cache_dir() / "checked-images.json"
+
+
+def _load_checked() -> dict[str, int]:
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(_checked_file().read_text())
+        if isinstance(data, dict):
+            return {str(k): int(v) for k, v in data.items()}
+    return {}
+
+
+def _remember_checked(key: str, returncode: int) -> None:
+    path = _checked_file()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checked = _load_checked()
+        checked[key] = returncode
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(checked, indent=1))
+        temporary.replace(path)
+
+
+async def check_base(qemu_img: str, path: Path, image_format: str) -> Completed:
+    """Check a base image read-only (never repair it), once per size+mtime.
+
+    Formats qemu-img cannot check (raw) pass.
+    """
+    if image_format not in ("qcow2", "qed", "vdi", "vhdx", "parallels"):
+        return Completed(CHECK_OK, "format has no consistency check")
+    key = "|".join(map(str, _stamp(path)))
+    remembered = _load_checked().get(key)
+    if remembered is not None:
+        return Completed(remembered, "checked before, unchanged since")
+    done = await run(qemu_img, ["check", "-U", "-f", image_format, str(path)])
+    if done.returncode in (CHECK_OK, CHECK_LEAKS, CHECK_CORRUPT):
+        _remember_checked(key, done.returncode)
+    return done
+
+
+_md5_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as image:
+        while chunk := image.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+async def md5(path: Path) -> str:
+    """The md5 of an image, computed in a thread (never on the event loop) and cached by
+    size+mtime; computed only when asked for."""
+    stamp = _stamp(path)
+    if stamp not in _md5_cache:
+        _md5_cache[stamp] = await asyncio.to_thread(_md5_file, path)
+    return _md5_cache[stamp]

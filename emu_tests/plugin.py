@@ -1,0 +1,1 @@
+"""The ``emu`` pytest plugin (entry point ``pytest11``); fixtures arrive with later work."""
