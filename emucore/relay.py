@@ -262,10 +262,10 @@ class _Direction:
             self.corrupted += 1
         now = self.loop.time()
         due = now
+        size = len(frame)
         if self.rate:
             # Token bucket as a virtual clock: line_free is when the bucket would be full
             # again; a frame leaves once the bucket has room for it, never before the last one.
-            size = len(frame)
             due = max(now, self.line_free + (size - self.burst) / self.rate, self.last_departure)
             if due - now > MAX_QUEUE_DELAY:
                 self.dropped_queue += 1
@@ -273,14 +273,14 @@ class _Direction:
         departure = due
         if self.delay or self.jitter:
             due += max(0.0, self.delay + rng.uniform(-self.jitter, self.jitter))
-        if due > now and len(self.queue) >= QUEUE_LIMIT:
+        if len(self.queue) >= QUEUE_LIMIT:
             self.dropped_queue += 1
             return
         if self.rate:
             self.line_free = max(self.line_free, departure) + size / self.rate
             self.last_departure = departure
-        if due <= now:
-            self.send(frame)
+        if due <= now and not self.queue:
+            self.send(frame)  # nothing held, nothing to wait for: no timer
             return
         heapq.heappush(self.queue, (due, self.sequence, frame))
         self.sequence += 1
@@ -388,18 +388,19 @@ class Relay:
                 label = f"relay {host}:{ports}"
             _, address_a = await _resolve(loop, *peer_a, f"{label}: peer of side a", family)
             _, address_b = await _resolve(loop, *peer_b, f"{label}: peer of side b", family)
+            relay = cls(
+                label,
+                loop,
+                _Side(label, "a", socks[0], address_a),
+                _Side(label, "b", socks[1], address_b),
+                filters if filters is not None else LinkFilters(),
+                rng if rng is not None else random.Random(),
+            )
         except BaseException:
             for sock in socks:
+                loop.remove_reader(sock)
                 sock.close()
             raise
-        relay = cls(
-            label,
-            loop,
-            _Side(label, "a", socks[0], address_a),
-            _Side(label, "b", socks[1], address_b),
-            filters or LinkFilters(),
-            rng or random.Random(),
-        )
         log.debug("%s: open, side a ↔ %s, side b ↔ %s", label, address_a, address_b)
         return relay
 
