@@ -25,6 +25,7 @@ from cattrs.errors import (
     IterableValidationError,
     IterableValidationNote,
 )
+from cattrs.gen import make_dict_structure_fn
 
 from emucore.errors import ConfigError
 from emucore.models import Nio, TapNio, UdpNio
@@ -146,7 +147,47 @@ def make_converter() -> cattrs.Converter:
         return result
 
     converter.register_structure_hook_func(lambda t: t == Mapping[int, Nio], structure_nios)
+    converter.register_structure_hook_factory(attrs.has, lambda cl: _validated(cl, converter))
     return converter
+
+
+def _validated(cls: type[Any], converter: cattrs.Converter) -> Any:
+    """A structure hook for an attrs class that reports every failing validator.
+
+    attrs runs validators in ``__init__`` and stops at the first failure, which cattrs then
+    reports without a field name. Here the class is built with validators off, then each
+    field's validator runs and every failure is reported under its field's name.
+    """
+    build = make_dict_structure_fn(cls, converter)
+
+    known = {field.name for field in attrs.fields(cls)}
+
+    def structure_checked(data: Any, _type: Any) -> Any:
+        unknown: list[Exception] = []
+        if isinstance(data, Mapping) and not known.issuperset(data):
+            # Report unknown keys together with the other problems, not instead of them.
+            unknown.append(ForbiddenExtraKeysError("", cls, set(data) - known))
+            data = {key: value for key, value in data.items() if key in known}
+        try:
+            with _validators_disabled():
+                instance = build(data, cls)
+        except ClassValidationError as exc:
+            raise ClassValidationError(exc.message, [*exc.exceptions, *unknown], cls) from None
+        errors: list[Exception] = []
+        for field in attrs.fields(cls):
+            if field.validator is None:
+                continue
+            try:
+                field.validator(instance, field, getattr(instance, field.name))
+            except (ValueError, TypeError) as exc:
+                note = AttributeValidationNote(f"Validating {field.name}", field.name, field.type)
+                exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+                errors.append(exc)
+        if errors or unknown:
+            raise ClassValidationError(f"While validating {cls.__name__}", errors + unknown, cls)
+        return instance
+
+    return structure_checked
 
 
 def _key_note(key: Any) -> IterableValidationNote:
@@ -174,20 +215,7 @@ def structure(
         result: T = converter.structure(data, cls)
         return result
     except Exception as exc:
-        first_try = describe(exc, "$")
-    # attrs validators run in __init__, after cattrs built every field, so a failure there
-    # arrives without a field name and hides the next ones. Rebuild with validators off:
-    # if that works, run each validator by hand and report all of them with their paths.
-    try:
-        with _validators_disabled():
-            unchecked = converter.structure(data, cls)
-    except Exception as exc:
-        # Type errors; validator failures of other (nested) objects only show in the first try.
-        problems = describe(exc, "$")
-        problems += [problem for problem in first_try if problem not in problems]
-    else:
-        problems = check_fields(unchecked, "$") or first_try
-    raise ConfigError(where, problems) from None
+        raise ConfigError(where, describe(exc, "$")) from None
 
 
 def describe(exc: BaseException, path: str) -> list[str]:
@@ -235,7 +263,8 @@ def _suggest(key: str, known: list[str]) -> str:
 
 
 class _validators_disabled:
-    """Turn attrs validators off for a moment (process-wide; only used on the error path)."""
+    """Turn attrs validators off while an instance is built (process-wide, but only for the
+    duration of one structure call on the event loop's thread)."""
 
     def __enter__(self) -> None:
         self._was = attrs.validators.get_disabled()
@@ -243,31 +272,3 @@ class _validators_disabled:
 
     def __exit__(self, *exc: object) -> None:
         attrs.validators.set_disabled(self._was)
-
-
-def check_fields(instance: Any, path: str) -> list[str]:
-    """Run every attrs validator of ``instance`` (recursively) and list what fails."""
-    if not attrs.has(type(instance)):
-        if isinstance(instance, tuple | list):
-            return [p for i, v in enumerate(instance) for p in check_fields(v, f"{path}[{i}]")]
-        if isinstance(instance, Mapping):
-            return [p for k, v in instance.items() for p in check_fields(v, _index_of(path, k))]
-        return []
-    problems: list[str] = []
-    for field in attrs.fields(type(instance)):
-        value = getattr(instance, field.name)
-        where = f"{path}.{field.name}"
-        if field.validator is not None:
-            try:
-                field.validator(instance, field, value)
-            except (ValueError, TypeError) as exc:
-                problems.append(f"{where}: {exc}")
-                continue
-        problems.extend(check_fields(value, where))
-    return problems
-
-
-def _index_of(path: str, key: Any) -> str:
-    if isinstance(key, str) and key.isidentifier():
-        return f"{path}.{key}"
-    return f"{path}[{key!r}]"

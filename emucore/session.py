@@ -124,6 +124,7 @@ class Session:
         node_id = description.get("node_id") or str(self._node_id(name))
         header = {"name": name, "emulator": kind, "id": node_id, "properties": None}
         config = _collect(problems, "$", header, NodeConfig)
+        problems = [p.replace("$.id:", "$.node_id:", 1) for p in problems]
         if config is not None and nios is not None and props is not None:
             count = props.adapter_count
             problems += [
