@@ -110,6 +110,8 @@ async def emu_start(node: Node, argv: Sequence[str]) -> None:
             node.name, f"QEMU did not start: {exc}", process.returncode, log_tail(log_path)
         ) from None
     node.stash[MONITOR] = monitor
+    # Born 0700 under the child's umask 077; 0600 says what it is: read-write, owner only.
+    (directory / SOCKET_NAME).chmod(0o600)
     listener = monitor.listener("SHUTDOWN")
     running.events = asyncio.get_running_loop().create_task(_remember_shutdown(running, listener))
     try:

@@ -1,1 +1,215 @@
-"""The ``emu`` pytest plugin (entry point ``pytest11``); fixtures arrive with later work."""
+"""The ``emu`` pytest plugin: fixtures for emu plugin authors (and emu's own tests).
+
+Registered through the ``pytest11`` entry point, so installing emu makes the fixtures
+available. This module imports only pytest at load time; emu and QEMU helpers are imported
+inside the fixtures, so a test session that does not use them pays nothing.
+
+There is no pytest-asyncio here: :func:`emu_run` runs coroutines on one event loop per
+test, and every node the fixtures start is stopped on that loop at teardown, whether the
+test passed or not. See ``docs/fixtures.md`` for examples.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pytest
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from emu_tests.guest import TinyGuest
+    from emucore.models import HostSettings, Project
+    from emucore.node import Node
+    from emucore.session import Session
+    from emucore.telnet import TelnetConsole
+
+T = TypeVar("T")
+
+Runner = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Options to point the fixtures at another QEMU or guest."""
+    group = parser.getgroup("emu", "emu fixtures")
+    group.addoption(
+        "--emu-qemu",
+        default=os.environ.get("EMU_QEMU_BINARY", "qemu-system-x86_64"),
+        help="QEMU binary for qemu_node (default: qemu-system-x86_64 on PATH, or $EMU_QEMU_BINARY)",
+    )
+    group.addoption(
+        "--emu-kernel", default=None, help="guest kernel for qemu_node instead of the tiny guest"
+    )
+    group.addoption(
+        "--emu-initrd", default=None, help="guest initrd for qemu_node instead of the tiny guest"
+    )
+    group.addoption(
+        "--emu-kvm",
+        default=os.environ.get("EMU_TEST_KVM", "off"),
+        choices=("auto", "require", "off"),
+        help="KVM mode of test nodes (default off: tests run under TCG)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Declare the markers the fixtures use."""
+    config.addinivalue_line("markers", "qemu: the test boots real QEMU guests")
+
+
+@pytest.fixture
+def emu_run() -> Iterator[Runner]:
+    """Run a coroutine to completion on this test's event loop: ``emu_run(node.start())``.
+
+    Every call uses the same loop, so nodes, consoles and relays made in one call can be
+    used in the next. Fixtures register their cleanups on it; the loop closes last.
+    """
+    import asyncio
+
+    runner = asyncio.Runner()
+    try:
+        yield runner.run
+    finally:
+        runner.close()
+
+
+@pytest.fixture
+def emu_plugin_manager() -> pluggy.PluginManager:
+    """A fresh plugin manager with the installed plugins; ``register`` adds one for this test."""
+    from emucore.plugins import make_plugin_manager
+
+    return make_plugin_manager()
+
+
+@pytest.fixture
+def emu_project(tmp_path: Path) -> Project:
+    """A project in a temporary directory (``project.directory``)."""
+    from emucore.models import Project
+
+    directory = tmp_path / "project"
+    directory.mkdir()
+    return Project.for_directory(directory, name="test")
+
+
+@pytest.fixture(scope="session")
+def qemu_binary(pytestconfig: pytest.Config) -> Path:
+    """The QEMU binary the fixtures use; skips (saying why) only where QEMU is absent."""
+    wanted = str(pytestconfig.getoption("emu_qemu"))
+    found = shutil.which(wanted)
+    if found is None:
+        pytest.skip(f"QEMU binary {wanted!r} is not installed (apt-get install qemu-system-x86)")
+    return Path(found)
+
+
+@pytest.fixture(scope="session")
+def tiny_guest(pytestconfig: pytest.Config) -> TinyGuest:
+    """The tiny bootable guest (kernel + busybox initramfs), built once and cached.
+
+    ``--emu-kernel``/``--emu-initrd`` replace it. A build failure is an error, not a skip.
+    """
+    from emu_tests.guest import TinyGuest, build_tiny_guest
+
+    kernel, initrd = pytestconfig.getoption("emu_kernel"), pytestconfig.getoption("emu_initrd")
+    if kernel and initrd:
+        return TinyGuest(Path(kernel), Path(initrd), "custom")
+    return build_tiny_guest()
+
+
+@pytest.fixture
+def emu_settings(
+    pytestconfig: pytest.Config, tiny_guest: TinyGuest, tmp_path: Path
+) -> HostSettings:
+    """Host settings for tests: the guest's and ``tmp_path/images`` as image directories."""
+    from emucore.models import HostSettings
+
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    kvm = str(pytestconfig.getoption("emu_kvm"))
+    return HostSettings(
+        image_dirs=(images, tiny_guest.kernel.parent, tiny_guest.initrd.parent),
+        emulators={"qemu": {"kvm": kvm, "powerdown_timeout": 10.0}},
+    )
+
+
+@pytest.fixture
+def emu_session(
+    emu_project: Project,
+    emu_settings: HostSettings,
+    emu_plugin_manager: pluggy.PluginManager,
+    emu_run: Runner,
+) -> Iterator[Session]:
+    """A session on ``emu_project``; every node in it is stopped and closed at teardown."""
+    from emucore.session import Session
+
+    session = Session(emu_project, settings=emu_settings, plugins=emu_plugin_manager)
+    try:
+        yield session
+    finally:
+        emu_run(session.close())
+
+
+@pytest.fixture
+def qemu_node(
+    emu_session: Session, tiny_guest: TinyGuest, qemu_binary: Path
+) -> Callable[..., Awaitable[Node]]:
+    """Factory: ``node = await qemu_node("r1", ip="10.0.0.1/24", adapters=2)`` boots the
+    tiny guest under QEMU (started unless ``start=False``); extra keywords are QEMU node
+    properties. Nodes are stopped at teardown, even when the test fails.
+    """
+    counter = iter(range(1, 1000))
+
+    async def make(
+        name: str | None = None,
+        *,
+        ip: str | None = None,
+        extra_ips: dict[str, str] | None = None,
+        start: bool = True,
+        **properties: Any,
+    ) -> Node:
+        name = name or f"qemu{next(counter)}"
+        description: dict[str, Any] = {
+            "name": name,
+            "emulator": "qemu",
+            "qemu_path": str(qemu_binary),
+            "ram": 128,
+            "adapter_type": "virtio-net-pci",
+            "kernel_image": str(tiny_guest.kernel),
+            "initrd": str(tiny_guest.initrd),
+            "kernel_command_line": tiny_guest.kernel_command_line(
+                ip=ip, hostname=name, extra_ips=extra_ips or {}
+            ),
+        }
+        description.update(properties)
+        node = emu_session.add_node(description)
+        if start:
+            await node.start()
+        return node
+
+    return make
+
+
+@pytest.fixture
+def guest_console(emu_run: Runner) -> Iterator[Callable[[Node], Awaitable[TelnetConsole]]]:
+    """Factory: ``console = await guest_console(node)`` connects to a running tiny guest's
+    telnet console and waits for its shell prompt; closed at teardown.
+
+    ``await console.run("ip addr")`` returns ``(status, output)``; ``expect`` and ``send``
+    are there for anything else.
+    """
+    from emu_tests.console import open_guest_console
+
+    opened: list[TelnetConsole] = []
+
+    async def connect(node: Node) -> TelnetConsole:
+        console = await open_guest_console(node)
+        opened.append(console)
+        return console
+
+    try:
+        yield connect
+    finally:
+        for console in opened:
+            emu_run(console.close())

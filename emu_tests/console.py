@@ -1,0 +1,45 @@
+"""Reach the tiny guest's shell on a node's telnet console."""
+
+from __future__ import annotations
+
+import asyncio
+
+from emu_tests.guest import PROMPT, READY_MARKER
+from emucore.errors import NodeError
+from emucore.node import Node
+from emucore.telnet import ConsoleError, TelnetConsole
+
+
+async def open_guest_console(node: Node, timeout: float = 90.0) -> TelnetConsole:
+    """Connect to ``node``'s console and wait until the guest's shell prompt shows.
+
+    The guest may still be booting, or may have booted long ago (its prompt then went out
+    before we connected), so Enter is pressed every second until a prompt answers.
+    """
+    if node.console is None or node.console.type != "telnet":
+        raise NodeError(node.name, "has no telnet console (is it running?)")
+    console = await TelnetConsole.connect(node.console.host, node.console.port, name=node.name)
+    try:
+        await wait_for_prompt(console, timeout)
+    except BaseException:
+        await console.close()
+        raise
+    return console
+
+
+async def wait_for_prompt(console: TelnetConsole, timeout: float = 90.0) -> None:
+    """Wait for the boot marker or a shell prompt, pressing Enter once a second meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await console.expect(f"{READY_MARKER}|{PROMPT}", timeout=1.0)
+            break
+        except ConsoleError:
+            if loop.time() >= deadline:
+                raise
+            await console.sendline()
+    # No echo: output comes back clean, and busy ash stops querying the cursor position
+    # and wrapping long command lines. Then settle on a fresh prompt.
+    await console.sendline("stty -echo")
+    await console.expect(PROMPT, timeout=max(1.0, deadline - loop.time()))
