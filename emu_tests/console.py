@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import secrets
 
 from emu_tests.guest import PROMPT, READY_MARKER
 from emucore.errors import NodeError
@@ -39,7 +41,12 @@ async def wait_for_prompt(console: TelnetConsole, timeout: float = 90.0) -> None
             if loop.time() >= deadline:
                 raise
             await console.sendline()
-    # No echo: output comes back clean, and busy ash stops querying the cursor position
-    # and wrapping long command lines. Then settle on a fresh prompt.
-    await console.sendline("stty -echo")
-    await console.expect(PROMPT, timeout=max(1.0, deadline - loop.time()))
+    # No echo: output comes back clean, and busybox ash stops querying the cursor position
+    # and wrapping long command lines. The marker skips the prompts our Enters produced.
+    marker = f"EMU{secrets.token_hex(4)}"
+    await console.sendline(f"stty -echo; echo {marker}-synced")
+    # Anchored: typed during boot, the line is echoed before the shell runs it.
+    synced = re.compile(rf"^{marker}-synced", re.MULTILINE)
+    await console.expect(synced, timeout=max(1.0, deadline - loop.time()))
+    await console.expect(PROMPT, timeout=10)
+    console.prompt = re.escape(PROMPT)

@@ -100,6 +100,9 @@ class LinkFilters:
     :ivar jitter: milliseconds of random variation around ``delay`` (never below 0).
     :ivar corruption: percentage of frames with one byte flipped (0-100).
     :ivar rate: bandwidth limit in kbit/s (0 = unlimited).
+    :ivar direction: which frames suffer: ``both`` directions (default; a ping then loses
+        ``1 - (1 - loss)²`` and its RTT grows by twice the delay), or only ``a_to_b`` or
+        ``b_to_a`` (like netem on one interface).
     """
 
     loss: float = attrs.field(default=0.0, validator=in_range(0, 100))
@@ -107,6 +110,7 @@ class LinkFilters:
     jitter: int = attrs.field(default=0, validator=in_range(0, 60_000))
     corruption: float = attrs.field(default=0.0, validator=in_range(0, 100))
     rate: int = attrs.field(default=0, validator=in_range(0, 100_000_000))
+    direction: str = attrs.field(default="both", validator=one_of(("both", "a_to_b", "b_to_a")))
 
     @property
     def active(self) -> bool:

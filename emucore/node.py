@@ -297,6 +297,13 @@ class Node:
             finally:
                 self._replace_adapter(attrs.evolve(current, capture=None))
 
+    def adapter(self, number: int) -> Adapter:
+        """Adapter ``number``.
+
+        :raises NodeError: the node has no such adapter.
+        """
+        return self._adapter(number)
+
     def _adapter(self, number: int) -> Adapter:
         if not 0 <= number < len(self.adapters):
             raise NodeError(

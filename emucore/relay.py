@@ -436,7 +436,8 @@ class Relay:
         return self._side(side).peer
 
     def set_filters(self, filters: LinkFilters) -> None:
-        """Change the impairments of both directions, effective from the next frame.
+        """Change the impairments, effective from the next frame (``filters.direction`` says
+        which directions suffer them).
 
         A field set to 0 removes that impairment; all at 0 restore the direct path (frames
         held already still leave at their due time).
@@ -445,8 +446,10 @@ class Relay:
         """
         self._check_open("change filters")
         self._filters = filters
-        for direction in self._directions.values():
-            direction.set_filters(filters)
+        # Direction "a" carries frames from a to b; filters.direction may spare one of them.
+        spared = {"a_to_b": "b", "b_to_a": "a"}.get(filters.direction)
+        for side, direction in self._directions.items():
+            direction.set_filters(LinkFilters() if side == spared else filters)
 
     async def set_peer(self, side: Side, peer: Address) -> None:
         """Relink one side: send its frames to ``peer`` and accept frames only from there.

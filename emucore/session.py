@@ -11,6 +11,7 @@ This is what a host program holds::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Mapping
 from types import TracebackType
@@ -22,7 +23,8 @@ from emucore.convert import structure
 from emucore.errors import ConfigError, EmuError, PluginError
 from emucore.events import EventBus
 from emucore.hooks import NodeHooks
-from emucore.models import HostSettings, Nio, NodeConfig, Project
+from emucore.links import Endpoint, Link
+from emucore.models import HostSettings, LinkFilters, Nio, NodeConfig, Project
 from emucore.node import Node
 from emucore.plugins import emulators, make_plugin_manager
 from emucore.ports import PortAllocator
@@ -43,6 +45,7 @@ class Session:
     :ivar events: every node's events.
     :ivar ports: UDP port allocator for tunnels.
     :ivar nodes: the nodes by name.
+    :ivar links: the links made with :meth:`link`.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class Session:
         self.events = EventBus()
         self.ports = PortAllocator(self.settings.udp_host, self.settings.udp_ports)
         self.nodes: dict[str, Node] = {}
+        self.links: list[Link] = []
         self._emulators: dict[str, EmulatorInfo] | None = None
         self._emulator_settings: dict[str, Any] = {}
 
@@ -184,11 +188,48 @@ class Session:
         await node.close()
         del self.nodes[name]
 
+    async def link(
+        self,
+        a: str | Node,
+        a_adapter: int,
+        b: str | Node,
+        b_adapter: int,
+        filters: LinkFilters | None = None,
+    ) -> Link:
+        """Connect two adapters with a UDP link (through a relay when ``filters`` impair).
+
+        Works on stopped and running nodes alike; a running node is relinked live.
+
+        :raises NodeError: an adapter does not exist or is connected already.
+        """
+        ends = [
+            Endpoint(self._as_node(node), adapter)
+            for node, adapter in ((a, a_adapter), (b, b_adapter))
+        ]
+        for end in ends:
+            end.node.adapter(end.adapter)  # raises when it does not exist
+        link = Link(ends[0], ends[1], self.ports)
+        await link.connect(filters)
+        self.links.append(link)
+        return link
+
+    async def unlink(self, link: Link) -> None:
+        """Disconnect a link and give its ports back."""
+        self.links.remove(link)
+        await link.disconnect()
+
+    def _as_node(self, node: str | Node) -> Node:
+        return node if isinstance(node, Node) else self.node(node)
+
     async def close(self) -> None:
-        """Stop and close every node, concurrently; then release the session's ports."""
+        """Stop and close every node, concurrently; then remove the links and their ports."""
         results = await asyncio.gather(
             *(node.close() for node in self.nodes.values()), return_exceptions=True
         )
+        for link in list(self.links):
+            self.links.remove(link)
+            with contextlib.suppress(EmuError):
+                await link.disconnect()
         self.ports.release_all()
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:

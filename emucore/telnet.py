@@ -27,6 +27,8 @@ class TelnetConsole:
     """A connection to a telnet console.
 
     :ivar transcript: everything read so far (telnet negotiation removed).
+    :ivar prompt: a regular expression for the shell's prompt; when set, :meth:`run` also
+        consumes the prompt that follows each command, so outputs never carry prompts.
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class TelnetConsole:
         self.transcript = ""
         self._seen = 0  # transcript position up to which expect() has consumed
         self._pending = b""
+        self.prompt: str | None = None
 
     @classmethod
     async def connect(
@@ -111,6 +114,8 @@ class TelnetConsole:
         echoed = output.find(f"echo {marker}")
         if echoed >= 0:
             output = output[echoed:].partition("\n")[2]
+        if self.prompt is not None:
+            await self.expect(self.prompt, timeout)
         return int(match.group(1)), output.strip()
 
     def _feed(self, chunk: bytes) -> None:
