@@ -1,15 +1,19 @@
-"""``emu``: the reference host. Subcommands live in their own modules; this one dispatches.
+"""``emu``: the reference host. The work is done elsewhere (runner, session); this module
+parses arguments and prints.
 
-Exit codes: 0 success, 1 a node or check failed, 2 bad input (file, field, option),
-130 interrupted.
+Exit codes: 0 success (for ``emu run``: the lab started and was stopped by Ctrl-C or
+SIGTERM, or every check passed), 1 a node, a check or a host check failed, or the lab is
+already running, 2 bad input (file, field, option), 130 interrupted while starting.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -18,10 +22,16 @@ from typing import Any
 
 import attrs
 
+from emucore.console import attach
 from emucore.convert import structure
 from emucore.errors import ConfigError, EmuError
+from emucore.hooks import await_each
+from emucore.lab import CheckSpec, LabSpec, load_lab
 from emucore.models import HostSettings, Project
 from emucore.plugins import describe_plugins, make_plugin_manager
+from emucore.progress import Progress
+from emucore.records import CheckResult
+from emucore.runner import STATE_NAME, LabLock, LabRunner, project_dir_for
 from emucore.session import Session
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -53,6 +63,11 @@ def _json(text: str) -> Any:
 
 def _toml(text: str) -> Any:
     return tomllib.loads(text)
+
+
+def load_lab_file(path: Path) -> LabSpec:
+    """Read and validate a lab file."""
+    return load_lab(read_data(path), str(path))
 
 
 def load_settings(path: Path | None, image_dirs: Sequence[Path] = ()) -> HostSettings:
@@ -115,6 +130,166 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a lab (see :mod:`emucore.runner`); exit codes in the module docstring."""
+    lab_file = Path(args.lab_file)
+    lab = load_lab(read_data(lab_file), str(lab_file))
+    checks = [*lab.checks] if args.check else []
+    if len(args.exec) != len(args.expect):
+        raise ConfigError("emu run", ["each --exec NODE COMMAND needs one --expect REGEX"])
+    for (node, command), expect in zip(args.exec, args.expect, strict=True):
+        checks.append(
+            structure({"node": node, "command": command, "expect": expect}, CheckSpec, "--exec")
+        )
+    for check in checks:
+        if check.node not in lab.nodes:
+            raise ConfigError("--exec", [f"no node named {check.node!r} in {lab_file}"])
+    settings = load_settings(args.settings)
+    runner = LabRunner(
+        lab, lab_file, settings=settings, project_dir=args.project_dir, jobs=args.jobs
+    )
+    return asyncio.run(_run_lab(runner, checks, args))
+
+
+async def _run_lab(runner: LabRunner, checks: list[CheckSpec], args: argparse.Namespace) -> int:
+    lock = LabLock(runner.project_dir)
+    lock.acquire()
+    main = asyncio.current_task()
+    assert main is not None
+    loop = asyncio.get_running_loop()
+    signalled: list[int] = []
+
+    def on_signal(number: int) -> None:
+        if not signalled:  # the first signal stops the lab; later ones wait for that
+            signalled.append(number)
+            main.cancel()
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, on_signal, number)
+    code = EXIT_OK
+    try:
+        session = runner.build()
+        progress = Progress(sys.stderr, list(session.nodes))
+        session.events.subscribe(progress.on_event)
+        try:
+            await runner.start()
+        finally:
+            progress.finish()
+        runner.write_state()
+        state = runner.state()
+        if checks:
+            outcomes = await runner.check(checks)
+            state = runner.state()  # again: the captures now hold the checks' traffic
+            state["checks"] = [o.as_dict() for o in outcomes]
+            code = EXIT_OK if all(o.passed for o in outcomes) else EXIT_FAILED
+        if args.json:
+            print(json.dumps(state, indent=1), flush=True)
+        else:
+            print_nodes(state)
+            print_checks(state.get("checks", []))
+        if not checks:
+            if not args.json:
+                print("Running. Ctrl-C stops the lab.", file=sys.stderr, flush=True)
+            await asyncio.Event().wait()  # until a signal cancels us
+    except asyncio.CancelledError:
+        code = EXIT_OK if runner.started_ok else EXIT_INTERRUPTED
+        if signalled and not runner.started_ok:
+            print("emu: interrupted while starting; stopping everything", file=sys.stderr)
+    finally:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(runner.stop(clean=args.clean))
+        runner.remove_state()
+        lock.release()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(number)
+    return code
+
+
+def print_nodes(state: dict[str, Any]) -> None:
+    """The table of nodes: name, emulator, status, console."""
+    rows = [("NODE", "EMULATOR", "STATUS", "CONSOLE")]
+    for node in state["nodes"]:
+        console = node["console"]
+        where = f"{console['type']}://{console['host']}:{console['port']}" if console else "-"
+        rows.append((node["name"], node["emulator"], node["status"], where))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    for capture in state["captures"]:
+        counts = ""
+        if "frames" in capture:
+            counts = (
+                f": {capture['frames']} frames, ICMP echo {capture['icmp_requests']} requests"
+                f" / {capture['icmp_replies']} replies"
+            )
+        print(f"capture {capture['endpoint']} -> {capture['file']}{counts}")
+    sys.stdout.flush()
+
+
+def print_checks(checks: list[dict[str, Any]]) -> None:
+    """One line per check: passed or FAILED, with the output of failed ones."""
+    for check in checks:
+        verdict = "passed" if check["passed"] else "FAILED"
+        print(f"check {check['node']}: {check['command']!r} expects /{check['expect']}/: {verdict}")
+        if not check["passed"]:
+            print("  " + check["output"].replace("\n", "\n  ")[-2000:])
+    if checks:
+        passed = sum(1 for c in checks if c["passed"])
+        print(f"{passed}/{len(checks)} checks passed")
+    sys.stdout.flush()
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    """Attach the terminal to a node's console in a running lab (Ctrl-] leaves)."""
+    lab_file = Path(args.lab_file)
+    lab = load_lab(read_data(lab_file), str(lab_file))
+    state_file = (args.project_dir or project_dir_for(lab_file, lab)) / STATE_NAME
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        print(f"emu: error: lab {lab.name!r} is not running (no {state_file})", file=sys.stderr)
+        return EXIT_FAILED
+    nodes = {node["name"]: node for node in state["nodes"]}
+    node = nodes.get(args.node)
+    if node is None or not node["console"]:
+        known = ", ".join(sorted(nodes))
+        print(f"emu: error: no node {args.node!r} with a console (nodes: {known})", file=sys.stderr)
+        return EXIT_USAGE
+    console = node["console"]
+    if console["type"] != "telnet":
+        print(f"{console['type']}://{console['host']}:{console['port']}")
+        return EXIT_OK
+    return asyncio.run(attach(console["host"], console["port"]))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Report what each plugin needs on this host (binaries, KVM, helpers)."""
+    manager = make_plugin_manager()
+    settings = load_settings(args.settings)
+
+    async def collect() -> list[CheckResult]:
+        results = await await_each(manager.hook.emu_check(settings=settings))
+        return [item for batch in results for item in batch]
+
+    results = asyncio.run(collect())
+    for directory in settings.image_dirs:
+        results.append(
+            CheckResult(
+                f"image dir {directory}",
+                directory.is_dir(),
+                "exists" if directory.is_dir() else "missing",
+            )
+        )
+    if args.json:
+        print(json.dumps([attrs.asdict(r) for r in results], indent=1))
+    else:
+        for result in results:
+            print(f"{'ok ' if result.ok else 'NO '} {result.subject:<24} {result.detail}")
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``emu`` argument parser."""
     parser = argparse.ArgumentParser(prog="emu", description="Run network-lab emulators.")
@@ -136,6 +311,38 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--block", action="append", default=[], help="block a plugin by name")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(func=cmd_plugins)
+
+    run = sub.add_parser("run", help="run a lab file until Ctrl-C (or until its checks ran)")
+    run.add_argument("lab_file", help="the lab, TOML")
+    run.add_argument("--jobs", type=int, default=None, help="nodes started at once (default: CPUs)")
+    run.add_argument("--check", action="store_true", help="run the lab's [[checks]], then stop")
+    run.add_argument(
+        "--exec",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NODE", "COMMAND"),
+        help="type COMMAND on NODE's console once started, then stop (with --expect)",
+    )
+    run.add_argument(
+        "--expect", action="append", default=[], metavar="REGEX", help="what --exec must show"
+    )
+    run.add_argument("--json", action="store_true", help="print the lab's state as JSON")
+    run.add_argument("--clean", action="store_true", help="delete the nodes' files at the end")
+    run.add_argument("--settings", type=Path, help="host settings file (TOML or JSON)")
+    run.add_argument("--project-dir", type=Path, help="where node files go (default .emu/NAME)")
+    run.set_defaults(func=cmd_run)
+
+    console = sub.add_parser("console", help="attach to a node's console in a running lab")
+    console.add_argument("lab_file", help="the lab, TOML")
+    console.add_argument("node", help="the node's name")
+    console.add_argument("--project-dir", type=Path, help="as given to emu run")
+    console.set_defaults(func=cmd_console)
+
+    check = sub.add_parser("check", help="check QEMU, KVM, helpers and image directories")
+    check.add_argument("--settings", type=Path, help="host settings file (TOML or JSON)")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(func=cmd_check)
     return parser
 
 

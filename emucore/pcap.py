@@ -83,3 +83,44 @@ class PcapWriter:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def read_frames(path: str | os.PathLike[str]) -> list[bytes]:
+    """The frames of a classic pcap file (either byte order; a cut last record is ignored).
+
+    Enough for summaries and sanity checks; tests use a full parser (dpkt).
+
+    :raises ValueError: not a pcap file.
+    """
+    data = Path(path).read_bytes()
+    if len(data) < _GLOBAL_HEADER.size:
+        raise ValueError(f"{path}: too short for a pcap file")
+    for order in ("<", ">"):
+        if struct.unpack_from(order + "I", data)[0] == MAGIC:
+            break
+    else:
+        raise ValueError(f"{path}: not a pcap file (bad magic number)")
+    record = struct.Struct(order + "IIII")
+    frames, offset = [], _GLOBAL_HEADER.size
+    while offset + record.size <= len(data):
+        _, _, captured, _ = record.unpack_from(data, offset)
+        offset += record.size
+        if offset + captured > len(data):
+            break
+        frames.append(data[offset : offset + captured])
+        offset += captured
+    return frames
+
+
+def icmp_echoes(frames: list[bytes]) -> tuple[int, int]:
+    """How many ICMP echo requests and replies (IPv4 over Ethernet) the frames hold."""
+    requests = replies = 0
+    for frame in frames:
+        if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[23] != 1:
+            continue
+        header_length = (frame[14] & 0x0F) * 4
+        if len(frame) > 14 + header_length:
+            kind = frame[14 + header_length]
+            requests += kind == 8
+            replies += kind == 0
+    return requests, replies

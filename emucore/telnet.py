@@ -98,6 +98,17 @@ class TelnetConsole:
                 )
             self._feed(chunk)
 
+    async def read(self) -> str:
+        """Wait for more output and return it ('' when the console closed); it is also
+        appended to the transcript."""
+        before = len(self.transcript)
+        while len(self.transcript) == before:
+            chunk = await self._reader.read(4096)
+            if not chunk:
+                break
+            self._feed(chunk)  # may add nothing: a chunk of telnet negotiation only
+        return self.transcript[before:]
+
     async def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
         """Run a command on a console showing a POSIX shell prompt.
 
