@@ -176,11 +176,12 @@ def _platform(node: Node) -> str:
     return binary_of(node).platform
 
 
-def _disk_for(node: Node, drive: str, image: Path) -> tuple[Path, str]:
+def _disk_for(node: Node, drive: str) -> tuple[Path, str]:
     """The file QEMU opens for a drive and its format, prepared or (dry run) predicted."""
     prepared = node.stash.get(DISKS, {}).get(drive)
-    if prepared is not None:
+    if prepared is not None:  # found, checked and opened by emu_prepare_disks at this start
         return prepared.path, prepared.format
+    image = resolve_image(node, f"hd{drive}_disk_image", node.properties.disk_image(drive))
     if node.properties.linked_clone:
         return overlay_path(node, drive), "qcow2"
     return image, sniff_format(image)
@@ -196,8 +197,7 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
     for index, drive in enumerate(DRIVES):
         if not props.disk_image(drive):
             continue
-        image = resolve_image(node, f"hd{drive}_disk_image", props.disk_image(drive))
-        path, fmt = _disk_for(node, drive, image)
+        path, fmt = _disk_for(node, drive)
         args += _drive_args(props.disk_interface(drive), index, path, fmt, x86, controllers)
     if props.cdrom_image:
         cdrom = resolve_image(node, "cdrom_image", props.cdrom_image)

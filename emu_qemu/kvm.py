@@ -19,6 +19,7 @@ import os
 import platform
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from emu_qemu import positions
 from emu_qemu.binary import QemuBinary, binary_of
 from emu_qemu.properties import QemuSettings
 from emucore import hookimpl
-from emucore.errors import NodeError
+from emucore.errors import ConfigError, NodeError
 from emucore.node import Node
 from emucore.paths import cache_dir
 from emucore.records import ArgFragment, CheckResult
@@ -69,14 +70,22 @@ class KvmProbe:
 
 ACCEL = StashKey[Accel]()
 _memory: dict[str, KvmProbe] = {}
-_locks: dict[str, asyncio.Lock] = {}
+# Per event loop: an asyncio.Lock that once made a task wait is bound to that loop for good.
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def kvm_mode(settings: QemuSettings | None) -> str:
-    """``auto``, ``require`` or ``off``: ``EMU_QEMU_KVM`` wins over the host's settings."""
+    """``auto``, ``require`` or ``off``: ``EMU_QEMU_KVM`` wins over the host's settings.
+
+    :raises ConfigError: ``EMU_QEMU_KVM`` holds something else.
+    """
     mode = os.environ.get(MODE_ENV) or (settings.kvm if settings else "auto")
     if mode not in ("auto", "require", "off"):
-        raise NodeError("-", f"{MODE_ENV}: must be auto, require or off; got {mode!r}")
+        raise ConfigError(
+            "environment", [f"{MODE_ENV}: must be auto, require or off; got {mode!r}"]
+        )
     return mode
 
 
@@ -99,7 +108,8 @@ async def probe_kvm(binary: QemuBinary, kernel: Path | None, timeout: float) -> 
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return KvmProbe(False, "/dev/kvm is not readable and writable by this user (kvm group?)")
     key = _cache_key(binary, kernel)
-    async with _locks.setdefault(key, asyncio.Lock()):
+    locks = _locks.setdefault(asyncio.get_running_loop(), {})
+    async with locks.setdefault(key, asyncio.Lock()):
         cached = _memory.get(key) or _load_cached(key)
         if cached is None:
             cached = await _run_probe(binary, kernel, timeout)
@@ -153,9 +163,12 @@ async def _run(argv: Sequence[str], timeout: float) -> tuple[int | None, str]:
         out, _ = await asyncio.wait_for(process.communicate(), timeout)
         return process.returncode, out.decode(errors="replace")
     except TimeoutError:
-        process.kill()
-        await process.wait()
         return None, ""
+    finally:
+        # Also on cancellation (a start given up, Ctrl-C): never leave a probe QEMU behind.
+        if process.returncode is None:
+            process.kill()
+            await asyncio.shield(process.wait())
 
 
 def _cache_key(binary: QemuBinary, kernel: Path | None) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from emu_qemu import positions
 from emu_qemu.options import user_argv
-from emu_qemu.qemuopts import escape, opts
+from emu_qemu.qemuopts import opts
 from emucore import hookimpl
 from emucore.node import Node
 from emucore.records import ArgFragment
@@ -42,7 +42,9 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
     ``-nodefaults -no-user-config -display none``: devices and displays are added by the
     plugins that need them, never by QEMU's defaults or a host config file."""
     props = node.properties
-    identity = ["-name", escape(node.name)]
+    # "guest=" explicitly: a bare name is QEMU's implied key, so a name like "process=x"
+    # would set another key instead.
+    identity = ["-name", opts(None, {"guest": node.name})]
     if "-uuid" not in user_argv(node):
         identity += ["-uuid", str(node.config.id)]
     resources = [

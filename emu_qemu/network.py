@@ -26,6 +26,7 @@ from typing import Any
 
 from emu_qemu import positions
 from emu_qemu.binary import binary_of
+from emu_qemu.properties import CustomAdapter
 from emu_qemu.qemuopts import opts
 from emu_qemu.qmp import Monitor, monitor_of
 from emucore import hookimpl
@@ -60,24 +61,31 @@ def base_mac(node: Node) -> int:
 
 def format_mac(value: int) -> str:
     """``0x0c1234560001`` → ``0c:12:34:56:00:01``."""
-    raw = f"{value % _MAC_SPACE:012x}"
-    return ":".join(raw[i : i + 2] for i in range(0, 12, 2))
+    return (value % _MAC_SPACE).to_bytes(6, "big").hex(":")
 
 
 def adapter_mac(node: Node, adapter: int) -> str:
     """The MAC of ``adapter``: its custom MAC, else base + adapter number."""
-    for custom in node.properties.custom_adapters:
-        if custom.adapter_number == adapter and custom.mac_address:
-            return str(custom.mac_address).lower()
-    return format_mac(base_mac(node) + adapter)
+    return _mac(base_mac(node), _customs(node).get(adapter), adapter)
 
 
 def adapter_model(node: Node, adapter: int) -> str:
     """The QEMU device of ``adapter`` (GNS3's ``virtio`` is ``virtio-net-pci``)."""
-    model: str = node.properties.adapter_type
-    for custom in node.properties.custom_adapters:
-        if custom.adapter_number == adapter and custom.adapter_type:
-            model = custom.adapter_type
+    return _model(node.properties.adapter_type, _customs(node).get(adapter))
+
+
+def _customs(node: Node) -> dict[int, CustomAdapter]:
+    return {custom.adapter_number: custom for custom in node.properties.custom_adapters}
+
+
+def _mac(base: int, custom: CustomAdapter | None, adapter: int) -> str:
+    if custom is not None and custom.mac_address:
+        return custom.mac_address.lower()
+    return format_mac(base + adapter)
+
+
+def _model(default: str, custom: CustomAdapter | None) -> str:
+    model = custom.adapter_type if custom is not None and custom.adapter_type else default
     return "virtio-net-pci" if model == "virtio" else model
 
 
@@ -154,16 +162,20 @@ def emu_prepare(node: Node) -> None:
 def emu_build_args(node: Node) -> Sequence[ArgFragment]:
     """NICs on hubs, sinks, PCI bridges, and the NIOs connected at start."""
     args = _bridges(len(node.adapters))
+    # Computed once, not per adapter: a start must stay fast with 275 adapters.
+    base, customs, default = base_mac(node), _customs(node), node.properties.adapter_type
     for adapter in node.adapters:
         n = adapter.number
+        custom = customs.get(n)
         args += ["-netdev", f"hubport,id=nic{n},hubid={n}"]
         args += ["-netdev", f"hubport,id=sink{n},hubid={n}"]
-        device = {"netdev": f"nic{n}", "mac": adapter_mac(node, n), "id": f"adapter{n}"}
-        args += ["-device", opts(adapter_model(node, n), device | _pci_placement(n))]
+        device = {"netdev": f"nic{n}", "mac": _mac(base, custom, n), "id": f"adapter{n}"}
+        args += ["-device", opts(_model(default, custom), device | _pci_placement(n))]
         if adapter.nio is not None:
             link_id, port_id = _link_ids(n, 0)
             args += ["-netdev", _netdev_option(nio_netdev(node, adapter.nio, link_id))]
-            args += ["-netdev", _netdev_option(_hub_port(port_id, n, link_id))]
+            # The _hub_port netdev, spelled out: its ids and numbers are ours, nothing to escape.
+            args += ["-netdev", f"hubport,id={port_id},hubid={n},netdev={link_id}"]
     return [ArgFragment(positions.NETWORK, args, "qemu.network")]
 
 

@@ -19,14 +19,26 @@ from emucore.records import ArgFragment
 
 EMULATOR = "qemu"
 
-# Options that name host files or create devices' backends (disks, network, sockets, files).
+# Options that name host files or create devices' backends (disks, network, sockets, files),
+# open a port (-s is -gdb tcp::1234), map a host file as RAM, or edit emu's own options (-set).
 UNSAFE_OPTIONS = frozenset(
     "-drive -blockdev -hda -hdb -hdc -hdd -cdrom -fda -fdb -mtdblock -sd -pflash -snapshot"
     " -netdev -nic -net -fsdev -virtfs -chardev -serial -parallel -monitor -qmp -qmp-pretty"
     " -mon -debugcon -gdb -incoming -loadvm -readconfig -writeconfig -add-fd -object -plugin"
     " -trace -D -pidfile -daemonize -runas -chroot -option-rom -bios -kernel -initrd -dtb"
-    " -L -usbdevice -sandbox -spice -vnc -audiodev -tpmdev -compat".split()
+    " -L -usbdevice -sandbox -spice -vnc -audiodev -tpmdev -compat"
+    " -set -s -fw_cfg -mem-path -acpitable -semihosting -semihosting-config -qtest".split()
 )
+
+# Keys that make any option read or write a host file or open a port, wherever they appear:
+# -device e1000,romfile=F  -global e1000.romfile=F  -machine kernel=F  -boot splash=F ...
+UNSAFE_KEYS = frozenset(
+    "file romfile kernel initrd firmware dtb dumpdtb splash rrfile path logfile vnc".split()
+)
+
+# Devices that reach into the host: load host files, pass host devices or vhost backends through.
+UNSAFE_DEVICES = frozenset("loader guest-loader usb-host u2f-passthru".split())
+UNSAFE_DEVICE_PREFIXES = ("vfio-", "vhost-")
 
 
 def placeholders(node: Node) -> dict[str, str]:
@@ -44,10 +56,13 @@ def placeholders(node: Node) -> dict[str, str]:
 
 def user_argv(node: Node) -> list[str]:
     """The node's options as argv items, placeholders replaced (not yet safety-checked)."""
+    options: str = node.properties.options
     try:
-        words = shlex.split(node.properties.options)
+        words = shlex.split(options)
     except ValueError as exc:  # the property validator catches this first
         raise ConfigError(f"node {node.name!r}", [f"$.options: {exc}"]) from None
+    if "%" not in options:
+        return words
     values = placeholders(node)
     result = []
     for word in words:
@@ -58,25 +73,52 @@ def user_argv(node: Node) -> list[str]:
 
 
 def unsafe_options(argv: Sequence[str]) -> list[str]:
-    """The unsafe options among ``argv`` (``-drive``, ``--netdev``, ``-chardev=...``)."""
+    """The unsafe options among ``argv``: unsafe options themselves (``-drive``,
+    ``--netdev``, ``-chardev=...``), unsafe keys in any option's value (``-device
+    e1000,romfile=F`` gives ``-device romfile=``) and unsafe devices (``-device loader``)."""
     found = []
+    option = ""
     for word in argv:
-        if not word.startswith("-"):
+        if word.startswith("-"):
+            option = "-" + word.lstrip("-").split("=", 1)[0]
+            if option in UNSAFE_OPTIONS:
+                found.append(option)
             continue
-        name = "-" + word.lstrip("-").split("=", 1)[0]
-        if name in UNSAFE_OPTIONS:
-            found.append(name)
+        if option in UNSAFE_OPTIONS:
+            continue  # refused as a whole already
+        for key, value in _items(word):
+            # -global spells keys DRIVER.KEY=V or driver=D,property=KEY,value=V.
+            name = value if key == "property" else key.rsplit(".", 1)[-1]
+            if name in UNSAFE_KEYS:
+                found.append(f"{option} {name}=")
+            if option == "-device" and key in ("", "driver") and _unsafe_device(value):
+                found.append(f"{option} {value}")
     return found
 
 
-def check_options(node: Node) -> None:
+def _items(value: str) -> list[tuple[str, str]]:
+    """``(key, value)`` of each item of a QEMU option string (key ``""`` for a bare item)."""
+    items = value.replace(",,", "\0").split(",")  # ",," is a literal comma, not a separator
+    pairs = [item.partition("=") for item in items]
+    return [
+        (key, rest.replace("\0", ",")) if sep else ("", key.replace("\0", ","))
+        for key, sep, rest in pairs
+    ]
+
+
+def _unsafe_device(driver: str) -> bool:
+    return driver in UNSAFE_DEVICES or driver.startswith(UNSAFE_DEVICE_PREFIXES)
+
+
+def check_options(node: Node, argv: Sequence[str] | None = None) -> None:
     """Refuse unsafe options unless the host allows them.
 
+    :param argv: the node's :func:`user_argv`, when the caller has it already.
     :raises ConfigError: naming the ``options`` field and each unsafe option.
     """
     if node.settings.allow_unsafe_options:
         return
-    unsafe = unsafe_options(user_argv(node))
+    unsafe = unsafe_options(user_argv(node) if argv is None else argv)
     if unsafe:
         listed = ", ".join(sorted(set(unsafe)))
         raise ConfigError(
@@ -98,5 +140,6 @@ def emu_node_created(node: Node) -> None:
 @hookimpl(trylast=True)
 def emu_build_args(node: Node) -> Sequence[ArgFragment]:
     """The user's options, last, so they can refine what emu generated."""
-    check_options(node)
-    return [ArgFragment(positions.USER_OPTIONS, user_argv(node), "qemu.options")]
+    argv = user_argv(node)
+    check_options(node, argv)
+    return [ArgFragment(positions.USER_OPTIONS, argv, "qemu.options")]

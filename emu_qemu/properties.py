@@ -36,7 +36,18 @@ PROCESS_PRIORITIES = frozenset(("realtime", "very high", "high", "normal", "low"
 DRIVES = ("a", "b", "c", "d")
 
 MAX_ADAPTERS = 275
+VNC_BASE_PORT = 5900
 _MAC = r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}"
+
+
+def _empty_or(validator: Any) -> Any:
+    """``validator``, but ``""`` (not set) passes: its message lists no empty choice."""
+
+    def check(inst: Any, attr: attrs.Attribute[Any], value: str) -> None:
+        if value:
+            validator(inst, attr, value)
+
+    return check
 
 
 def _unicast_mac(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
@@ -45,6 +56,19 @@ def _unicast_mac(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
     matches(_MAC, "a MAC address like 0c:12:34:56:78:00")(_inst, _attr, value)
     if int(value[:2], 16) & 1:
         raise ValueError(f"must be a unicast MAC address (first byte even); got {value!r}")
+
+
+def _base_mac(inst: QemuProperties, _attr: attrs.Attribute[Any], value: str) -> None:
+    _unicast_mac(inst, _attr, value)
+    if not value:
+        return
+    # Adapter n gets base + n: that sum must not carry into the first byte (multicast bit).
+    base = int(value.replace(":", ""), 16)
+    if (base + max(inst.adapters - 1, 0)) >> 40 != base >> 40:
+        raise ValueError(
+            f"leaves no room for {inst.adapters} adapters: base + adapter number would change"
+            f" the first byte; choose a base whose last bytes are lower; got {value!r}"
+        )
 
 
 def _shell_words(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
@@ -79,7 +103,7 @@ class CustomAdapter:
     """
 
     adapter_number: int = attrs.field(validator=in_range(0, MAX_ADAPTERS - 1))
-    adapter_type: str = attrs.field(default="", validator=one_of(ADAPTER_TYPES | {""}))
+    adapter_type: str = attrs.field(default="", validator=_empty_or(one_of(ADAPTER_TYPES)))
     mac_address: str = attrs.field(default="", validator=_unicast_mac)
     port_name: str = attrs.field(default="", validator=printable(100, allow_empty=True))
 
@@ -114,19 +138,31 @@ def _cdrom_without_hdc(inst: QemuProperties, _attr: attrs.Attribute[Any], value:
         )
 
 
+def _console_port(inst: QemuProperties, _attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is None:
+        return
+    in_range(0, 65535)(inst, _attr, value)
+    # VNC listens on display (port - 5900): a lower port cannot be expressed.
+    if inst.console_type == "vnc" and 0 < value < VNC_BASE_PORT:
+        raise ValueError(f"must be {VNC_BASE_PORT} or more for a VNC console; got {value}")
+
+
 @attrs.frozen
 class QemuProperties:
     """The properties of a QEMU node (see ``docs/qemu-node.md``)."""
 
     qemu_path: str = attrs.field(default="", validator=printable(4096, allow_empty=True))
-    platform: str = attrs.field(default="", validator=one_of(PLATFORMS | {""}))
+    platform: str = attrs.field(default="", validator=_empty_or(one_of(PLATFORMS)))
     ram: int = attrs.field(default=256, validator=in_range(1, 1 << 22))
     cpus: int = attrs.field(default=1, validator=in_range(1, 255))
-    maxcpus: int = attrs.field(default=1, validator=_at_least_cpus)
+    # Defaults to cpus: a node asking for 4 CPUs must not be refused for a maxcpus it never set.
+    maxcpus: int = attrs.field(
+        default=attrs.Factory(lambda self: self.cpus, takes_self=True), validator=_at_least_cpus
+    )
     adapters: int = attrs.field(default=1, validator=in_range(0, MAX_ADAPTERS))
     adapter_type: str = attrs.field(default="e1000", validator=one_of(ADAPTER_TYPES))
     custom_adapters: tuple[CustomAdapter, ...] = attrs.field(default=(), validator=_custom_adapters)
-    mac_address: str = attrs.field(default="", validator=_unicast_mac)
+    mac_address: str = attrs.field(default="", validator=_base_mac)
     hda_disk_image: str = _image("disk")
     hdb_disk_image: str = _image("disk")
     hdc_disk_image: str = _image("disk")
@@ -143,9 +179,7 @@ class QemuProperties:
     kernel_image: str = _image("kernel")
     kernel_command_line: str = attrs.field(default="", validator=printable(4096, allow_empty=True))
     boot_priority: str = attrs.field(default="c", validator=one_of(BOOT_PRIORITIES))
-    console: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(in_range(0, 65535))
-    )
+    console: int | None = attrs.field(default=None, validator=_console_port)
     console_type: str = attrs.field(default="telnet", validator=one_of(CONSOLE_TYPES))
     linked_clone: bool = True
     on_close: str = attrs.field(default="power_off", validator=one_of(ON_CLOSE))

@@ -14,6 +14,9 @@ _KEY = re.compile(r"[a-z][a-z0-9_.\-]*")
 
 Value = str | int | bool
 
+# Keys are ours, a small fixed set: each is checked once, not at every start.
+_checked_keys: set[str] = set()
+
 
 def escape(value: str) -> str:
     """Double every comma, QEMU's escape inside an option string."""
@@ -33,10 +36,19 @@ def opts(head: str | None, pairs: Mapping[str, Value | None]) -> str:
     :param head: the implied first item (a driver or device type), or ``None``.
     :param pairs: keys (ours, checked) and values (anyone's, escaped).
     """
-    items = [] if head is None else [escape(head)]
+    items = [] if head is None else [head.replace(",", ",,")]
     for key, value in pairs.items():
-        if not _KEY.fullmatch(key):
-            raise ValueError(f"not a QEMU option key: {key!r}")
-        if value is not None:
-            items.append(f"{key}={render(value)}")
+        if key not in _checked_keys:
+            if not _KEY.fullmatch(key):
+                raise ValueError(f"not a QEMU option key: {key!r}")
+            _checked_keys.add(key)
+        # render() inlined: this runs for every adapter at every start.
+        if value is True:
+            items.append(f"{key}=on")
+        elif value is False:
+            items.append(f"{key}=off")
+        elif isinstance(value, int):
+            items.append(f"{key}={value}")  # no comma to escape
+        elif value is not None:  # a str, or anything else a caller passes: escaped
+            items.append(f"{key}={str(value).replace(',', ',,')}")
     return ",".join(items)
