@@ -28,7 +28,7 @@ EMULATOR = "qemu"
 CHARDEV_ID = "console0"
 LOG_NAME = "console.log"
 VNC_BASE = 5900
-_SPICE_PORT = StashKey[int]()
+_CHOSEN_PORT = StashKey[int]()
 _TELNET_PORT = re.compile(r":(\d+)(?:,|$)")
 
 
@@ -40,12 +40,23 @@ def _free_tcp_port(host: str) -> int:
         return port
 
 
+def console_port(node: Node) -> int:
+    """The console port the command line asks for: the node's, one chosen at prepare time,
+    or 0 (QEMU picks; the real port is in ``node.console`` once the node runs)."""
+    chosen: int = node.properties.console or node.stash.get(_CHOSEN_PORT, 0)
+    return chosen
+
+
 @hookimpl(trylast=True)
 def emu_prepare(node: Node) -> None:
-    """SPICE needs a concrete port: pick a free one when the node has none."""
+    """Pick a free port now when QEMU cannot pick one itself: SPICE (port 0 disables it),
+    or options that use ``%console-port%`` (they need the real number in the argv)."""
+    node.stash.pop(_CHOSEN_PORT, None)
     props = node.properties
-    if props.console_type == "spice" and not props.console:
-        node.stash[_SPICE_PORT] = _free_tcp_port(node.settings.console_host)
+    if props.console or props.console_type == "none":
+        return
+    if props.console_type == "spice" or "%console-port%" in props.options:
+        node.stash[_CHOSEN_PORT] = _free_tcp_port(node.settings.console_host)
 
 
 @hookimpl(trylast=True)
@@ -53,9 +64,10 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
     """The console's options (see the module docstring)."""
     props = node.properties
     host = node.settings.console_host
-    port = props.console or 0
+    port: int = console_port(node)
     if props.console_type == "telnet":
-        chardev = {"id": CHARDEV_ID, "host": host, "port": port, "server": True, "wait": False}
+        chardev: dict[str, str | int | bool] = {"id": CHARDEV_ID, "host": host, "port": port}
+        chardev |= {"server": True, "wait": False}
         chardev |= {"telnet": True, "logfile": str(node.directory / LOG_NAME)}
         args = ["-chardev", opts("socket", chardev), "-serial", f"chardev:{CHARDEV_ID}"]
     elif props.console_type == "vnc":
@@ -65,8 +77,9 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
         # "to" lets QEMU walk up from display 0 to the first free one.
         args = ["-vnc", opts(display, {"to": None if port else 99}), "-vga", "std"]
     elif props.console_type == "spice":
-        spice_port = port or node.stash.get(_SPICE_PORT, None) or _free_tcp_port(host)
-        spice = {"addr": host, "port": spice_port, "disable-ticketing": True}
+        spice_port = port or _free_tcp_port(host)
+        spice: dict[str, str | int | bool] = {"addr": host, "port": spice_port}
+        spice["disable-ticketing"] = True
         args = ["-spice", opts(None, spice), "-vga", "qxl"]
     else:
         args = []

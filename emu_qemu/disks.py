@@ -9,7 +9,7 @@ read-only by QEMU and by every qemu-img call here, and is never repaired or writ
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
 import attrs
@@ -66,9 +66,13 @@ def _images(node: Node) -> dict[str, Path]:
     }
 
 
-@hookimpl(trylast=True)
-def emu_node_created(node: Node) -> None:
-    """Resolve the images now, refuse unusable interfaces, and claim exclusive images."""
+@hookimpl(wrapper=True, trylast=True)
+def emu_node_created(node: Node) -> Generator[None, None, None]:
+    """Resolve the images now, refuse unusable interfaces, and claim exclusive images.
+
+    A wrapper: the claim is made only after every other plugin accepted the node, so a node
+    refused by someone else leaves no claim behind.
+    """
     props = node.properties
     problems = []
     for drive in DRIVES:
@@ -84,6 +88,7 @@ def emu_node_created(node: Node) -> None:
     if props.cdrom_image:
         resolve_image(node, "cdrom_image", props.cdrom_image)
     if props.linked_clone:
+        yield
         return
     mine = str(node.config.id)
     for drive, image in images.items():
@@ -95,6 +100,7 @@ def emu_node_created(node: Node) -> None:
                 " linked_clone; a node without linked clones needs its own image"
                 " (copy it, or set linked_clone = true)",
             )
+    yield
     for image in images.values():
         _exclusive[image.resolve()] = mine
 

@@ -21,7 +21,7 @@ The guest sees carrier down on an adapter without NIO and after a link suspend (
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from emu_qemu import positions
@@ -30,6 +30,7 @@ from emu_qemu.properties import CustomAdapter
 from emu_qemu.qemuopts import opts
 from emu_qemu.qmp import Monitor, monitor_of
 from emucore import hookimpl
+from emucore.errors import ConfigError
 from emucore.models import Nio, TapNio
 from emucore.node import Node
 from emucore.records import ArgFragment
@@ -57,6 +58,39 @@ def base_mac(node: Node) -> int:
         return int(node.properties.mac_address.replace(":", ""), 16)
     digest = hashlib.sha256(f"{node.project.id}/{node.config.id}".encode()).digest()
     return (0x02 << 40) | (int.from_bytes(digest[:3], "big") << 16)
+
+
+# MAC ranges [base, base + adapters) of the QEMU nodes of each project, by node id: a lab's
+# derived MACs come from a 24-bit hash, so two nodes could meet; they are refused instead.
+_mac_ranges: dict[str, dict[str, tuple[int, int]]] = {}
+
+
+@hookimpl(wrapper=True, trylast=True)
+def emu_node_created(node: Node) -> Generator[None, None, None]:
+    """Refuse a node whose MAC addresses overlap another node's in the project.
+
+    A wrapper: the range is claimed once every plugin accepted the node.
+    """
+    low = base_mac(node)
+    high = low + max(1, len(node.adapters))
+    mine, taken = str(node.config.id), _mac_ranges.setdefault(str(node.project.id), {})
+    for other, (other_low, other_high) in taken.items():
+        if other != mine and low < other_high and other_low < high:
+            raise ConfigError(
+                f"node {node.name!r}",
+                [
+                    f"$.mac_address: MAC addresses {format_mac(low)}..{format_mac(high - 1)}"
+                    " overlap another node's in this project; set mac_address to a free base"
+                ],
+            )
+    yield
+    taken[mine] = (low, high)
+
+
+@hookimpl(trylast=True)
+def emu_close(node: Node) -> None:
+    """Give the node's MAC range back."""
+    _mac_ranges.get(str(node.project.id), {}).pop(str(node.config.id), None)
 
 
 def format_mac(value: int) -> str:

@@ -12,6 +12,8 @@ import shlex
 from collections.abc import Sequence
 
 from emu_qemu import positions
+from emu_qemu.console import console_port
+from emu_qemu.qemuopts import escape
 from emucore import hookimpl
 from emucore.errors import ConfigError
 from emucore.node import Node
@@ -42,16 +44,19 @@ UNSAFE_DEVICE_PREFIXES = ("vfio-", "vhost-")
 
 
 def placeholders(node: Node) -> dict[str, str]:
-    """The values of ``%vm-name%``, ``%vm-id%``, ``%project-id%``, ``%project-path%``,
-    ``%console-port%`` (0 while the port is not known yet)."""
-    console = node.console.port if node.console else (node.properties.console or 0)
-    return {
+    """The values of ``%vm-name%``, ``%vm-id%``, ``%project-id%``, ``%project-path%`` and
+    ``%console-port%`` (a real port: the console module picks one up front when options use
+    it), with commas doubled: most QEMU arguments are option strings, and a name or path must
+    not add keys to the user's option."""
+    console = node.console.port if node.console else console_port(node)
+    values = {
         "%vm-name%": node.name,
         "%vm-id%": str(node.config.id),
         "%project-id%": str(node.project.id),
         "%project-path%": str(node.project.directory),
         "%console-port%": str(console),
     }
+    return {key: escape(value) for key, value in values.items()}
 
 
 def user_argv(node: Node) -> list[str]:

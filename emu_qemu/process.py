@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,9 +107,7 @@ async def emu_start(node: Node, argv: Sequence[str]) -> None:
         )
     except QmpError as exc:
         await _wait_briefly(process)
-        raise EmulatorExitedError(
-            node.name, f"QEMU did not start: {exc}", process.returncode, log_tail(log_path)
-        ) from None
+        raise _start_failed(node, exc, process, log_path) from None
     node.stash[MONITOR] = monitor
     # Born 0700 under the child's umask 077; 0600 says what it is: read-write, owner only.
     (directory / SOCKET_NAME).chmod(0o600)
@@ -118,17 +117,30 @@ async def emu_start(node: Node, argv: Sequence[str]) -> None:
         await monitor.execute("cont")
     except QmpError as exc:
         await _wait_briefly(process)
-        raise EmulatorExitedError(
-            node.name, f"QEMU did not start: {exc}", process.returncode, log_tail(log_path)
-        ) from None
+        raise _start_failed(node, exc, process, log_path) from None
 
 
 def _start_failed(
     node: Node, exc: Exception, process: asyncio.subprocess.Process, log_path: Path
 ) -> EmulatorExitedError:
     return EmulatorExitedError(
-        node.name, f"QEMU did not start: {exc}", process.returncode, log_tail(log_path)
+        node.name, f"QEMU did not start: {exc}", process.returncode, qemu_log_tail(log_path)
     )
+
+
+# QEMU warns at every start about each adapter's sink (a hub port without peer, on purpose):
+# with many adapters those lines would push the real error out of the log tail.
+_SINK_WARNINGS = re.compile(
+    r"warning: (hub port sink\d+ has no peer|hub \d+ is not connected to host network"
+    r"|netdev sink\d+ has no peer)"
+)
+
+
+def qemu_log_tail(log_path: Path, lines: int = 20) -> str:
+    """The end of ``qemu.log`` without the expected warnings about adapter sinks."""
+    text = log_tail(log_path, lines=lines + 4 * 275)
+    kept = [line for line in text.splitlines() if not _SINK_WARNINGS.search(line)]
+    return "\n".join(kept[-lines:])
 
 
 async def _wait_briefly(process: asyncio.subprocess.Process) -> None:
@@ -153,7 +165,7 @@ async def _watch(node: Node, running: QemuProcess, log_path: Path) -> None:
     if reason == "guest-shutdown":
         node.emulator_exited(returncode, "", "the guest powered off", kind="info")
     else:
-        node.emulator_exited(returncode, log_tail(log_path))
+        node.emulator_exited(returncode, qemu_log_tail(log_path))
 
 
 @hookimpl(trylast=True)

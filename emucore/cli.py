@@ -25,7 +25,7 @@ import attrs
 from emucore.console import attach
 from emucore.convert import structure
 from emucore.errors import ConfigError, EmuError
-from emucore.hooks import await_each
+from emucore.hooks import call_in_order
 from emucore.lab import CheckSpec, LabSpec, load_lab
 from emucore.models import HostSettings, Project
 from emucore.plugins import describe_plugins, make_plugin_manager
@@ -92,7 +92,10 @@ def cmd_argv(args: argparse.Namespace) -> int:
     try:
         argv = _dry_run(args)
     except EmuError as exc:
-        print(f"emu: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if not message.startswith(str(args.node_file)):  # plugins name the node, not the file
+            message = f"{args.node_file}: {message}"
+        print(f"emu: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(argv, indent=None if args.compact else 1))
     return EXIT_OK
@@ -270,7 +273,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     settings = load_settings(args.settings)
 
     async def collect() -> list[CheckResult]:
-        results = await await_each(manager.hook.emu_check(settings=settings))
+        results = await call_in_order(manager.hook.emu_check, settings=settings)
         return [item for batch in results for item in batch]
 
     results = asyncio.run(collect())

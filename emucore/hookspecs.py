@@ -11,16 +11,18 @@ that emulator kind; a plugin without ``EMULATOR`` is called for every node (chec
 
 **Sync and async.** pluggy calls hooks synchronously. Specs marked *sync* must return plain
 values. Specs marked *may be async* accept a plain value or an awaitable (an ``async def``
-implementation returns a coroutine): the core awaits each result, one after another, in hook
-call order, so an implementation may rely on the earlier ones having finished. Such hooks
-collect results and are never ``firstresult``: a coroutine is not ``None``, so "first
-non-``None`` wins" would stop at the first async implementation without running it.
+implementation returns a coroutine): the core calls the implementations one at a time and
+awaits each result before calling the next, so an implementation may rely on the earlier
+ones having finished. Such hooks collect results and are never ``firstresult``: a coroutine
+is not ``None``, so "first non-``None`` wins" would stop at the first async implementation
+without running it.
 
 **Order.** pluggy calls ``tryfirst`` implementations first, ``trylast`` ones last, and
 otherwise the most recently registered first. Built-in implementations are ``trylast=True``,
 so a third-party implementation runs before them. Wrappers (``wrapper=True``, ``result =
-yield``) see the list of results; for a *may be async* hook those are not awaited yet, so a
-wrapper that must act after them appends its own awaitable to the list.
+yield``) work on *sync* hooks (``emu_build_args`` above all: a wrapper can add, remove or
+reorder fragments); on *may be async* hooks they are refused with a ``PluginError`` — use
+``tryfirst`` or ``trylast`` to act before or after the others.
 
 **Errors.** Raise an :class:`emucore.errors.EmuError` subclass whose message names the node
 and the field, file or adapter concerned. Anything else is wrapped in a ``NodeError``.

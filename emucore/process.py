@@ -145,7 +145,7 @@ def log_tail(path: Path, lines: int = 20) -> str:
         with path.open("rb") as log:
             log.seek(0, os.SEEK_END)
             size = log.tell()
-            log.seek(max(0, size - 16384))
+            log.seek(max(0, size - max(16384, lines * 256)))
             text = log.read().decode(errors="replace")
     except OSError:
         return ""

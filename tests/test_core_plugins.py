@@ -159,3 +159,46 @@ def test_names_are_unique_and_ids_stable(tmp_path: Path) -> None:
     assert second.directory == tmp_path / "project-files" / "alpha" / str(second.config.id)
     with pytest.raises(ConfigError, match="a node with this name exists"):
         again.add_node({"name": "a1", "emulator": "alpha"})
+
+
+def test_may_be_async_hooks_run_one_implementation_at_a_time(tmp_path: Path) -> None:
+    order: list[str] = []
+    early, late = types.ModuleType("early"), types.ModuleType("late")
+
+    @hookimpl(tryfirst=True)
+    async def emu_stop(node: Node) -> None:  # async, called first
+        await asyncio.sleep(0)
+        order.append("async body")
+
+    @hookimpl(trylast=True)
+    def emu_stop_sync(node: Node) -> None:  # sync, called after: must see the async one done
+        order.append("sync body")
+
+    early.emu_stop = emu_stop  # type: ignore[attr-defined]
+    late.emu_stop = emu_stop_sync  # type: ignore[attr-defined]
+    session = session_with(tmp_path, make_toy("alpha"), early, late)
+    node = session.add_node({"name": "a1", "emulator": "alpha"})
+
+    async def run() -> None:
+        await node.start()
+        await node.stop()
+
+    asyncio.run(run())
+    assert order == ["async body", "sync body"]
+
+
+def test_wrappers_are_refused_on_may_be_async_hooks(tmp_path: Path) -> None:
+    wrapping = types.ModuleType("wrapping")
+
+    @hookimpl(wrapper=True)
+    def emu_start(node: Node, argv: list[str]) -> object:
+        return (yield)
+
+    wrapping.emu_start = emu_start  # type: ignore[attr-defined]
+    session = session_with(tmp_path, make_toy("alpha"), wrapping)
+    node = session.add_node({"name": "a1", "emulator": "alpha"})
+    with pytest.raises(
+        PluginError, match="'wrapping': emu_start may be async, so it cannot be wrapped"
+    ):
+        asyncio.run(node.start())
+    assert node.status.value == "stopped"
