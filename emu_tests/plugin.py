@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
+from emu_tests.vpcs_fixtures import vpcs_console, vpcs_node  # noqa: F401 - fixtures
+
 if TYPE_CHECKING:
     import pluggy
 

@@ -10,6 +10,7 @@ allocator and go back to it when the link is removed.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import attrs
@@ -89,8 +90,8 @@ class Link:
 
     async def set_up(self, up: bool) -> None:
         """Suspend (``False``) or resume the link: both guests see their carrier follow."""
-        for end in (self.a, self.b):
-            await end.node.set_link(end.adapter, up)
+        # Both ends at once: an emulator that restarts to change its link (VPCS) takes seconds.
+        await asyncio.gather(*(end.node.set_link(end.adapter, up) for end in (self.a, self.b)))
 
     async def start_capture(self, path: Path, side: Side = "a") -> None:
         """Capture the frames crossing the link, as seen at ``side``'s adapter.
@@ -159,6 +160,5 @@ class Link:
         return UdpNio(self._local[side], host, self._local[other])
 
     async def _attach_both(self) -> None:
-        for side in SIDES:
-            end = self.end(side)
-            await end.node.attach_nio(end.adapter, self._nio(side))
+        ends = [(self.end(side), self._nio(side)) for side in SIDES]
+        await asyncio.gather(*(end.node.attach_nio(end.adapter, nio) for end, nio in ends))

@@ -1,0 +1,136 @@
+"""Which VPCS binary runs a node (``vpcs_path`` or ``vpcs`` on the search path), and its version.
+
+The version is read from ``vpcs -v`` once per binary (keyed by path, size and mtime).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from emu_vpcs import positions
+from emu_vpcs.properties import VpcsSettings
+from emucore import hookimpl
+from emucore.convert import structure
+from emucore.errors import ConfigError, NodeError
+from emucore.models import HostSettings
+from emucore.node import Node
+from emucore.records import ArgFragment, CheckResult
+from emucore.stash import StashKey
+
+EMULATOR = "vpcs"
+
+_VERSION = re.compile(r"version (\d+\.\d+\w*)")
+
+
+@attrs.frozen
+class VpcsBinary:
+    """A VPCS binary.
+
+    :ivar path: absolute path.
+    :ivar version: as VPCS prints it (``0.5b2``).
+    """
+
+    path: Path
+    version: str
+
+
+BINARY = StashKey[VpcsBinary]()
+
+
+class BinaryError(NodeError):
+    """The VPCS binary is missing, not executable, or not VPCS."""
+
+
+def settings_of(node: Node) -> VpcsSettings:
+    """The host's VPCS settings (defaults when the host set none)."""
+    settings = node.emulator_settings
+    return settings if isinstance(settings, VpcsSettings) else VpcsSettings()
+
+
+def _search_path(settings: VpcsSettings) -> str:
+    return os.pathsep.join([*map(str, settings.binary_dirs), os.environ.get("PATH", "")])
+
+
+def locate(wanted: str, settings: VpcsSettings) -> VpcsBinary:
+    """Resolve ``wanted`` (a path, or a name looked up on the search path) and read its version.
+
+    :raises LookupError: saying what is wrong with the binary and what to do.
+    """
+    search = _search_path(settings)
+    located = wanted if os.sep in wanted else shutil.which(wanted, path=search)
+    if located is None or not Path(located).exists():
+        raise LookupError(
+            f"VPCS binary {wanted!r} not found (searched {search}); Debian: apt-get install vpcs"
+        )
+    path = Path(located).absolute()
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise LookupError(f"{str(path)!r} is not an executable file")
+    stat = path.stat()
+    version = _read_version(path, stat.st_size, stat.st_mtime_ns)
+    if version is None:
+        raise LookupError(f"{str(path)!r} did not report a VPCS version (-v)")
+    return VpcsBinary(path, version)
+
+
+@functools.cache
+def _read_version(path: Path, _size: int, _mtime: int) -> str | None:
+    try:
+        out = subprocess.run(
+            [str(path), "-v"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = _VERSION.search(out)
+    return match.group(1) if match and "Virtual PC Simulator" in out else None
+
+
+def binary_of(node: Node) -> VpcsBinary:
+    """The node's binary, resolved once per start (``emu_prepare``) or now."""
+    found = node.stash.get(BINARY, None)
+    if found is None:
+        wanted = node.properties.vpcs_path or "vpcs"
+        try:
+            found = locate(wanted, settings_of(node))
+        except LookupError as exc:
+            raise BinaryError(node.name, f"vpcs_path: {exc}") from None
+        node.stash[BINARY] = found
+    return found
+
+
+@hookimpl(trylast=True)
+def emu_prepare(node: Node) -> None:
+    """Resolve the binary afresh at each start (it may have been upgraded)."""
+    node.stash.pop(BINARY, None)
+    binary_of(node)
+
+
+@hookimpl(trylast=True)
+def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+    """The binary is argv[0]."""
+    return [ArgFragment(positions.PROGRAM, (str(binary_of(node).path),), "vpcs.binary")]
+
+
+@hookimpl
+def emu_check(settings: HostSettings) -> list[CheckResult]:
+    """Report the ``vpcs`` binary found on the search path, with its version."""
+    try:
+        vpcs_settings = structure(
+            dict(settings.emulators.get("vpcs", {})), VpcsSettings, "settings.emulators.vpcs"
+        )
+        binary = locate("vpcs", vpcs_settings)
+    except (ConfigError, LookupError) as exc:
+        return [CheckResult("vpcs", False, str(exc))]
+    return [CheckResult("vpcs", True, f"{binary.path}, version {binary.version}")]

@@ -1,0 +1,152 @@
+"""A small telnet server in front of a :class:`~emu_vpcs.terminal.Terminal`, for any number of
+clients at once.
+
+Every client sees everything VPCS prints from the moment it connects, and what any client
+types goes to VPCS. The server asks clients for character mode (``WILL ECHO``, ``WILL
+SUPPRESS-GO-AHEAD``: VPCS echoes and edits the line itself), drops the telnet negotiation
+they send, turns telnet's Enter (CR LF or CR NUL) into one CR and its Interrupt Process into
+Ctrl-C. A client that does not read its output is disconnected rather than buffered forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+from emu_vpcs.terminal import Terminal
+
+log = logging.getLogger("emu.vpcs")
+
+IAC, DONT, DO, WONT, WILL, SB, SE, IP = 255, 254, 253, 252, 251, 250, 240, 244
+ECHO, SUPPRESS_GO_AHEAD = 1, 3
+GREETING = bytes([IAC, WILL, ECHO, IAC, WILL, SUPPRESS_GO_AHEAD])
+CTRL_C = b"\x03"
+# Output a client may leave unread before it is disconnected.
+MAX_UNREAD = 1 << 20
+
+
+class TelnetDecoder:
+    """Turns what a telnet client sends into what VPCS should read (state kept across chunks)."""
+
+    def __init__(self) -> None:
+        self._state = "data"
+        self._after_cr = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Decode one chunk from the client."""
+        out = bytearray()
+        for byte in data:
+            state = self._state
+            if state == "data":
+                if byte == IAC:
+                    self._state = "iac"
+                    continue
+                if self._after_cr and byte in (0, 10):  # the second half of telnet's Enter
+                    self._after_cr = False
+                    continue
+                self._after_cr = byte == 13
+                out.append(byte)
+            elif state == "iac":
+                self._state = "data"
+                if byte == IAC:
+                    out.append(IAC)
+                elif byte in (WILL, WONT, DO, DONT):
+                    self._state = "option"
+                elif byte == SB:
+                    self._state = "sb"
+                elif byte == IP:
+                    out += CTRL_C
+            elif state == "option":
+                self._state = "data"
+            elif state == "sb":
+                if byte == IAC:
+                    self._state = "sb-iac"
+            else:  # "sb-iac": IAC SE ends the subnegotiation, IAC IAC is data inside it
+                self._state = "data" if byte == SE else "sb"
+        return bytes(out)
+
+
+class TelnetServer:
+    """Serves a terminal over telnet on one TCP port.
+
+    :ivar port: the port it listens on.
+    """
+
+    def __init__(self, name: str, terminal: Terminal, sock: socket.socket) -> None:
+        """Use :meth:`start`."""
+        self.name = name
+        self.port: int = sock.getsockname()[1]
+        self._terminal = terminal
+        self._sock = sock
+        self._server: asyncio.Server | None = None
+        # Each client's handler task and its transport.
+        self._clients: dict[asyncio.Task[None], asyncio.WriteTransport] = {}
+
+    @classmethod
+    async def start(cls, name: str, terminal: Terminal, host: str, port: int) -> TelnetServer:
+        """Listen on ``host:port`` (port 0: the kernel picks a free one, no race).
+
+        :raises OSError: the address cannot be bound (e.g. the port is taken).
+        """
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        server = cls(name, terminal, sock)
+        server._server = await asyncio.start_server(server._serve, sock=sock)
+        return server
+
+    @property
+    def client_count(self) -> int:
+        """How many clients are connected."""
+        return len(self._clients)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        peer = writer.get_extra_info("peername")
+        transport = writer.transport
+        self._clients[task] = transport
+
+        def send(chunk: bytes) -> None:
+            if transport.is_closing():
+                return
+            if transport.get_write_buffer_size() > MAX_UNREAD:
+                log.warning("%s: console client %s reads too slowly; disconnected", self.name, peer)
+                transport.abort()
+                return
+            transport.write(chunk.replace(bytes([IAC]), bytes([IAC, IAC])))
+
+        unsubscribe = self._terminal.subscribe(send)
+        decoder = TelnetDecoder()
+        try:
+            transport.write(GREETING)
+            while data := await reader.read(4096):
+                self._terminal.write(decoder.feed(data))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            unsubscribe()
+            self._clients.pop(task, None)
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def close(self) -> None:
+        """Stop listening and disconnect every client."""
+        if self._server is not None:
+            self._server.close()
+        # Abort, not cancel: a cancelled handler task makes asyncio's streams log an error.
+        for transport in self._clients.values():
+            transport.abort()
+        if self._clients:
+            await asyncio.wait(list(self._clients), timeout=5)
+        self._sock.close()
