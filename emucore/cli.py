@@ -148,6 +148,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if check.node not in lab.nodes:
             raise ConfigError("--exec", [f"no node named {check.node!r} in {lab_file}"])
     settings = load_settings(args.settings)
+    if not args.verbose:  # the progress display shows the events; the log would repeat them
+        logging.getLogger("emu").setLevel(logging.CRITICAL)
     runner = LabRunner(
         lab, lab_file, settings=settings, project_dir=args.project_dir, jobs=args.jobs
     )
@@ -182,6 +184,8 @@ async def _run_lab(runner: LabRunner, checks: list[CheckSpec], args: argparse.Na
         state = runner.state()
         if checks:
             outcomes = await runner.check(checks)
+            if args.check:
+                outcomes += runner.check_captures()
             state = runner.state()  # again: the captures now hold the checks' traffic
             state["checks"] = [o.as_dict() for o in outcomes]
             code = EXIT_OK if all(o.passed for o in outcomes) else EXIT_FAILED

@@ -8,6 +8,7 @@
     emulator = "qemu"
     image = "tiny"          # the built-in tiny guest (kernel + initramfs)
     ip = "10.0.0.1/24"      # tiny guest only: eth0's address
+    ips = { eth1 = "10.0.1.1/24" }   # tiny guest only: other interfaces' addresses
 
     [nodes.pc]
     emulator = "vpcs"
@@ -44,6 +45,8 @@ from emucore.models import LinkFilters
 from emucore.validators import matches, printable
 
 TINY = "tiny"
+# Lab-level keys of a tiny-guest node, turned into its kernel command line.
+TINY_KEYS = ("image", "ip", "ips", "gateway")
 _ENDPOINT = r"[^:\s]+(:\d+)?"
 
 
@@ -64,10 +67,15 @@ class LinkSpec:
 
 @attrs.frozen
 class CaptureSpec:
-    """A pcap capture on an endpoint for the whole run."""
+    """A pcap capture on an endpoint for the whole run.
+
+    :ivar expect_icmp: with ``emu run --check``, the capture must hold an ICMP echo request
+        and reply once the checks ran (a check of its own in the summary).
+    """
 
     endpoint: str = attrs.field(validator=matches(_ENDPOINT, "'node:adapter'"))
     file: str = attrs.field(default="", validator=printable(1024, allow_empty=True))
+    expect_icmp: bool = False
 
 
 @attrs.frozen
@@ -151,7 +159,7 @@ def tiny_guest_node(
 ) -> dict[str, Any]:
     """A QEMU node table using the tiny guest: ``image``, ``ip``, ``gateway`` replaced by
     the kernel, initrd and kernel command line."""
-    node = {k: v for k, v in table.items() if k not in ("image", "ip", "gateway")}
+    node = {k: v for k, v in table.items() if k not in TINY_KEYS}
     node.setdefault("ram", 128)
     node.setdefault("adapter_type", "virtio-net-pci")
     node.update(kernel_image=str(kernel), initrd=str(initrd), kernel_command_line=command_line)

@@ -165,11 +165,15 @@ class LabRunner:
                 result[name] = table
                 continue
             self._tiny_nodes.add(name)
+            ips = table.get("ips", {})
+            if not isinstance(ips, Mapping) or not all(isinstance(v, str) for v in ips.values()):
+                problem = f'$.nodes.{name}.ips: must be a table of interface = "CIDR"'
+                raise ConfigError(str(self.lab_file), [problem])
             try:
                 command_line = guest.kernel_command_line(
-                    ip=table.get("ip"), gateway=table.get("gateway"), hostname=name
+                    ip=table.get("ip"), gateway=table.get("gateway"), hostname=name, extra_ips=ips
                 )
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 raise ConfigError(str(self.lab_file), [f"$.nodes.{name}: {exc}"]) from None
             result[name] = tiny_guest_node(table, guest.kernel, guest.initrd, command_line)
         dirs = (*settings.image_dirs, guest.kernel.parent, guest.initrd.parent)
@@ -233,6 +237,21 @@ class LabRunner:
             except EmuError as exc:
                 output, passed = str(exc), False
             outcomes.append(CheckOutcome(spec.node, spec.command, spec.expect, passed, output))
+        return outcomes
+
+    def check_captures(self) -> list[CheckOutcome]:
+        """An outcome per capture marked ``expect_icmp``: it holds an echo request and reply."""
+        outcomes = []
+        for capture in self.lab.captures:
+            if not capture.expect_icmp:
+                continue
+            summary = self._capture_summary(capture.endpoint, capture.file)
+            passed = summary.get("icmp_requests", 0) > 0 and summary.get("icmp_replies", 0) > 0
+            node = parse_endpoint(capture.endpoint)[0]
+            what = f"capture {capture.endpoint}"
+            outcomes.append(
+                CheckOutcome(node, what, "ICMP echo request and reply", passed, str(summary))
+            )
         return outcomes
 
     async def _run_on_console(self, node: Node, spec: CheckSpec) -> str:
