@@ -5,12 +5,13 @@ The version is read from ``-version`` once per binary (keyed by path, size and m
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -19,6 +20,7 @@ from emu_qemu import positions
 from emu_qemu.properties import PLATFORMS, QemuProperties, QemuSettings
 from emucore import hookimpl
 from emucore.errors import NodeError
+from emucore.models import HostSettings
 from emucore.node import Node
 from emucore.records import ArgFragment, CheckResult
 from emucore.stash import StashKey
@@ -124,10 +126,12 @@ def binary_of(node: Node) -> QemuBinary:
 
 
 @hookimpl(trylast=True)
-def emu_prepare(node: Node) -> None:
-    """Resolve the binary afresh at each start (it may have been upgraded)."""
-    node.stash.pop(BINARY, None)
-    binary_of(node)
+async def emu_prepare(node: Node) -> None:
+    """Resolve the binary afresh at each start (it may have been upgraded), in a thread: the
+    first ``-version`` of a binary may take a while."""
+    node.stash[BINARY] = await asyncio.to_thread(
+        find_binary, node.properties, node.emulator_settings, node.name
+    )
 
 
 @hookimpl(trylast=True)
@@ -137,12 +141,15 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
 
 
 @hookimpl
-def emu_check(settings: object) -> list[CheckResult]:
-    """Report the QEMU binaries found on PATH."""
+def emu_check(settings: HostSettings) -> list[CheckResult]:
+    """Report the QEMU binaries found in the host's binary_dirs and on PATH."""
+    raw = settings.emulators.get("qemu", {})
+    dirs = [str(d) for d in raw.get("binary_dirs", ())] if isinstance(raw, Mapping) else []
+    search = os.pathsep.join([*dirs, os.environ.get("PATH", "")])
     results = []
     for platform in ("x86_64", "i386", "aarch64", "arm"):
         name = f"qemu-system-{platform}"
-        located = shutil.which(name)
+        located = shutil.which(name, path=search)
         if located is None:
             if platform == DEFAULT_PLATFORM:
                 results.append(

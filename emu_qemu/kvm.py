@@ -29,9 +29,12 @@ from emu_qemu import positions
 from emu_qemu.binary import QemuBinary, binary_of
 from emu_qemu.properties import QemuSettings
 from emucore import hookimpl
-from emucore.errors import ConfigError, NodeError
+from emucore.convert import structure
+from emucore.errors import ConfigError, EmuError, NodeError
+from emucore.models import HostSettings
 from emucore.node import Node
 from emucore.paths import cache_dir
+from emucore.process import spawn
 from emucore.records import ArgFragment, CheckResult
 from emucore.stash import StashKey
 
@@ -153,12 +156,8 @@ async def _run_probe(binary: QemuBinary, kernel: Path | None, timeout: float) ->
 
 async def _run(argv: Sequence[str], timeout: float) -> tuple[int | None, str]:
     """Run ``argv``; its exit code (``None`` on timeout, then killed) and its output."""
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    # spawn: a probe hanging under a broken KVM must not outlive a host that dies meanwhile.
+    process = await spawn(argv, output=asyncio.subprocess.PIPE)
     try:
         out, _ = await asyncio.wait_for(process.communicate(), timeout)
         return process.returncode, out.decode(errors="replace")
@@ -253,14 +252,27 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
 
 
 @hookimpl
-async def emu_check(settings: object) -> list[CheckResult]:
-    """Report the KVM probe's verdict for the default binary."""
+async def emu_check(settings: HostSettings) -> list[CheckResult]:
+    """Report the KVM probe's verdict for the default binary, under the host's settings."""
     from emu_qemu.binary import find_binary
     from emu_qemu.properties import QemuProperties
 
     try:
-        binary = find_binary(QemuProperties(), None, "emu check")
-    except NodeError as exc:
+        qemu_settings = host_qemu_settings(settings)
+        binary = find_binary(QemuProperties(), qemu_settings, "emu check")
+        accel = await choose_accel(binary, qemu_settings, "emu check")
+    except EmuError as exc:
         return [CheckResult("kvm", False, str(exc))]
-    accel = await choose_accel(binary, None, "emu check")
+    if accel.name == "tcg" and kvm_mode(qemu_settings) == "off":
+        return [CheckResult("kvm", True, f"not used: {accel.reason}")]
     return [CheckResult("kvm", accel.name == "kvm", accel.reason)]
+
+
+def host_qemu_settings(settings: HostSettings) -> QemuSettings:
+    """The host's QEMU settings (``settings.emulators["qemu"]``), structured.
+
+    :raises ConfigError: they are invalid.
+    """
+    raw = settings.emulators.get("qemu", {})
+    qemu_settings: QemuSettings = structure(dict(raw), QemuSettings, "settings.emulators.qemu")
+    return qemu_settings

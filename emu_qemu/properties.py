@@ -87,6 +87,8 @@ def _refuse_legacy(_inst: Any, _attr: attrs.Attribute[Any], value: bool) -> None
 
 
 def _at_least_cpus(inst: QemuProperties, _attr: attrs.Attribute[Any], value: int) -> None:
+    if value == inst.cpus:
+        return  # the default (or the same as cpus): cpus' own check speaks for it
     in_range(1, 255)(inst, _attr, value)
     if value < inst.cpus:
         raise ValueError(f"must be at least cpus ({inst.cpus}); got {value}")

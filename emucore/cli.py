@@ -273,8 +273,8 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Report what each plugin needs on this host (binaries, KVM, helpers)."""
-    manager = make_plugin_manager()
     settings = load_settings(args.settings)
+    manager = make_plugin_manager(blocked=settings.blocked_plugins)
 
     async def collect() -> list[CheckResult]:
         results = await call_in_order(manager.hook.emu_check, settings=settings)

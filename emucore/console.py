@@ -35,7 +35,11 @@ async def _pump(console: TelnetConsole) -> None:
     loop = asyncio.get_running_loop()
     keys: asyncio.Queue[bytes] = asyncio.Queue()
     fd = sys.stdin.fileno()
-    loop.add_reader(fd, lambda: keys.put_nowait(os.read(fd, 1024)))
+    try:
+        loop.add_reader(fd, lambda: keys.put_nowait(os.read(fd, 1024)))
+        reading = True
+    except PermissionError:  # a regular file or /dev/null cannot be watched: show output only
+        reading = False
 
     async def show() -> None:
         while text := await console.read():
@@ -46,11 +50,14 @@ async def _pump(console: TelnetConsole) -> None:
         while (data := await keys.get()) and ESCAPE not in data:
             await console.send(data.decode(errors="replace"))
 
-    tasks = [asyncio.create_task(show()), asyncio.create_task(type_keys())]
+    tasks = [asyncio.create_task(show())]
+    if reading:
+        tasks.append(asyncio.create_task(type_keys()))
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        loop.remove_reader(fd)
+        if reading:
+            loop.remove_reader(fd)
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

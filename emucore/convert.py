@@ -25,7 +25,6 @@ from cattrs.errors import (
     IterableValidationError,
     IterableValidationNote,
 )
-from cattrs.gen import make_dict_structure_fn
 
 from emucore.errors import ConfigError
 from emucore.models import Nio, TapNio, UdpNio
@@ -152,42 +151,56 @@ def make_converter() -> cattrs.Converter:
 
 
 def _validated(cls: type[Any], converter: cattrs.Converter) -> Any:
-    """A structure hook for an attrs class that reports every failing validator.
+    """A structure hook for an attrs class that reports every bad field at once.
 
-    attrs runs validators in ``__init__`` and stops at the first failure, which cattrs then
-    reports without a field name. Here the class is built with validators off, then each
-    field's validator runs and every failure is reported under its field's name.
+    cattrs stops at type errors before attrs runs any validator, and attrs stops at the first
+    failing validator, which cattrs then reports without a field name. Here each field is
+    structured on its own, the instance is built with validators off (fields that failed keep
+    their defaults), and every validator of a field that did not fail runs; all problems are
+    reported, each under its field's name, unknown keys included.
     """
-    build = make_dict_structure_fn(cls, converter)
-
-    known = {field.name for field in attrs.fields(cls)}
+    fields = attrs.fields(attrs.resolve_types(cls))
+    known = {field.name for field in fields}
 
     def structure_checked(data: Any, _type: Any) -> Any:
+        if not isinstance(data, Mapping):
+            raise _expect("a table", data)
         unknown: list[Exception] = []
-        if isinstance(data, Mapping) and not known.issuperset(data):
-            # Report unknown keys together with the other problems, not instead of them.
+        if not known.issuperset(data):
             unknown.append(ForbiddenExtraKeysError("", cls, set(data) - known))
-            data = {key: value for key, value in data.items() if key in known}
-        try:
-            with _validators_disabled():
-                instance = build(data, cls)
-        except ClassValidationError as exc:
-            raise ClassValidationError(exc.message, [*exc.exceptions, *unknown], cls) from None
+        values: dict[str, Any] = {}
         errors: list[Exception] = []
-        for field in attrs.fields(cls):
-            if field.validator is None:
+        for field in fields:
+            if field.name in data:
+                try:
+                    values[field.alias] = converter.structure(data[field.name], field.type)
+                except Exception as exc:
+                    errors.append(_noted(exc, field))
+            elif field.default is attrs.NOTHING:
+                errors.append(_noted(KeyError(field.name), field))
+        failed = {note.name for exc in errors for note in getattr(exc, "__notes__", [])}
+        if any(f.default is attrs.NOTHING and f.name in failed for f in fields):
+            raise ClassValidationError(f"While structuring {cls.__name__}", errors + unknown, cls)
+        with _validators_disabled():
+            instance = cls(**values)
+        for field in fields:
+            if field.validator is None or field.name in failed:
                 continue
             try:
                 field.validator(instance, field, getattr(instance, field.name))
             except (ValueError, TypeError) as exc:
-                note = AttributeValidationNote(f"Validating {field.name}", field.name, field.type)
-                exc.__notes__ = [*getattr(exc, "__notes__", []), note]
-                errors.append(exc)
+                errors.append(_noted(exc, field))
         if errors or unknown:
             raise ClassValidationError(f"While validating {cls.__name__}", errors + unknown, cls)
         return instance
 
     return structure_checked
+
+
+def _noted(exc: Exception, field: attrs.Attribute[Any]) -> Exception:
+    note = AttributeValidationNote(f"Structuring {field.name}", field.name, field.type)
+    exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+    return exc
 
 
 def _key_note(key: Any) -> IterableValidationNote:

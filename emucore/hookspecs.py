@@ -17,12 +17,15 @@ ones having finished. Such hooks collect results and are never ``firstresult``: 
 is not ``None``, so "first non-``None`` wins" would stop at the first async implementation
 without running it.
 
-**Order.** pluggy calls ``tryfirst`` implementations first, ``trylast`` ones last, and
-otherwise the most recently registered first. Built-in implementations are ``trylast=True``,
-so a third-party implementation runs before them. Wrappers (``wrapper=True``, ``result =
-yield``) work on *sync* hooks (``emu_build_args`` above all: a wrapper can add, remove or
-reorder fragments); on *may be async* hooks they are refused with a ``PluginError`` — use
-``tryfirst`` or ``trylast`` to act before or after the others.
+**Order.** pluggy calls ``tryfirst`` implementations first and ``trylast`` ones last;
+within the ``tryfirst`` and plain groups the most recently registered runs first, within the
+``trylast`` group it runs last. Built-in implementations are ``trylast=True``, so a
+third-party implementation runs before them by default. To act after a built-in, use the
+next hook of the sequence (``emu_started`` runs after every ``emu_start`` returned).
+Wrappers (``wrapper=True``, ``result = yield``) work on *sync* hooks (``emu_build_args``
+above all: a wrapper can add, remove or reorder fragments); on *may be async* hooks they
+are refused with a ``PluginError`` — use ``tryfirst`` or ``trylast`` to act before or after
+the others.
 
 **Errors.** Raise an :class:`emucore.errors.EmuError` subclass whose message names the node
 and the field, file or adapter concerned. Anything else is wrapped in a ``NodeError``.

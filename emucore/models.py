@@ -98,7 +98,7 @@ class LinkFilters:
     :ivar loss: percentage of frames dropped (0-100).
     :ivar delay: milliseconds added to every frame.
     :ivar jitter: milliseconds of random variation around ``delay`` (never below 0).
-    :ivar corruption: percentage of frames with one byte flipped (0-100).
+    :ivar corruption: percentage of frames with one bit flipped past the Ethernet header (0-100).
     :ivar rate: bandwidth limit in kbit/s (0 = unlimited).
     :ivar direction: which frames suffer: ``both`` directions (default; a ping then loses
         ``1 - (1 - loss)²`` and its RTT grows by twice the delay), or only ``a_to_b`` or

@@ -52,7 +52,7 @@ class ArgFragment:
 
     :ivar position: where the fragment goes; 0 is the program itself.
     :ivar args: the argv items, never a shell string.
-    :ivar source: who contributed it (a plugin name), for ``emu argv --explain`` and errors.
+    :ivar source: who contributed it (a plugin name), shown in errors and useful to wrappers.
     """
 
     position: int

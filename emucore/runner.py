@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import re
@@ -149,6 +150,14 @@ class LabRunner:
                 problems += [p.replace("$", f"$.nodes.{name}", 1) for p in exc.problems]
             except EmuError as exc:
                 problems.append(f"$.nodes.{name}: {exc}")
+        for index, spec in enumerate(self.lab.links):
+            for name, adapter in spec.parsed():
+                node = self.session.nodes.get(name)
+                if node is not None and adapter >= len(node.adapters):
+                    problems.append(
+                        f"$.links[{index}].endpoints: {name}:{adapter} does not exist"
+                        f" ({name} has {len(node.adapters)} adapters)"
+                    )
         if problems:
             raise ConfigError(str(self.lab_file), problems)
         return self.session
@@ -165,10 +174,10 @@ class LabRunner:
                 result[name] = table
                 continue
             self._tiny_nodes.add(name)
+            problems = _tiny_addresses(table, f"$.nodes.{name}")
+            if problems:
+                raise ConfigError(str(self.lab_file), problems)
             ips = table.get("ips", {})
-            if not isinstance(ips, Mapping) or not all(isinstance(v, str) for v in ips.values()):
-                problem = f'$.nodes.{name}.ips: must be a table of interface = "CIDR"'
-                raise ConfigError(str(self.lab_file), [problem])
             try:
                 command_line = guest.kernel_command_line(
                     ip=table.get("ip"), gateway=table.get("gateway"), hostname=name, extra_ips=ips
@@ -343,3 +352,34 @@ class LabRunner:
     def remove_state(self) -> None:
         """Remove ``state.json`` (the lab no longer runs)."""
         (self.project_dir / STATE_NAME).unlink(missing_ok=True)
+
+
+def _tiny_addresses(table: Mapping[str, Any], path: str) -> list[str]:
+    """Check a tiny-guest node's ``ip``, ``ips`` and ``gateway`` on the host (the guest would
+    only complain on its console)."""
+    ips = table.get("ips", {})
+    if not isinstance(ips, Mapping):
+        return [f'{path}.ips: must be a table of interface = "address/prefix"']
+    addresses = {"ip": table.get("ip")} | {f"ips.{name}": value for name, value in ips.items()}
+    problems = [
+        f"{path}.{key}: must be address/prefix, e.g. 10.0.0.1/24; got {value!r}"
+        for key, value in addresses.items()
+        if value is not None and not _interfaces(value)
+    ]
+    gateway = table.get("gateway")
+    if gateway is not None:
+        try:
+            ipaddress.ip_address(str(gateway))
+        except ValueError:
+            problems.append(f"{path}.gateway: must be an IP address; got {gateway!r}")
+    return problems
+
+
+def _interfaces(value: object) -> bool:
+    """Whether ``value`` is comma-separated address/prefix items (``10.0.0.1/24,fd00::1/64``)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        return all("/" in item and ipaddress.ip_interface(item) for item in value.split(","))
+    except ValueError:
+        return False

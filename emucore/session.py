@@ -41,7 +41,8 @@ class Session:
 
     :ivar project: the project.
     :ivar settings: the host's settings.
-    :ivar plugins: the plugin manager (one per session unless the host passes its own).
+    :ivar plugins: the plugin manager (one per session unless the host passes its own; then
+        ``settings.blocked_plugins`` is the host's business, as the manager is built already).
     :ivar events: every node's events.
     :ivar ports: UDP port allocator for tunnels.
     :ivar nodes: the nodes by name.

@@ -141,6 +141,29 @@ def test_bad_links_and_toml_are_named(tmp_path: Path) -> None:
     assert done.stderr.startswith(f"emu: error: {lab}: not valid TOML")
 
 
+def test_bad_adapters_and_addresses_are_bad_input(tmp_path: Path) -> None:
+    lab = tmp_path / "bad.toml"
+    lab.write_text(
+        LAB.replace('ip = "10.0.0.2/24"', 'ip = "10.0.0.2"\ngateway = "10.0.0.300"').replace(
+            'endpoints = ["a:0", "b:0"]', 'endpoints = ["a:0", "b:3"]'
+        )
+    )
+    done = subprocess.run(
+        [*EMU, "run", str(lab)], capture_output=True, text=True, env=ENV, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"emu: error: {lab}: $.nodes.b.ip: must be address/prefix, e.g. 10.0.0.1/24; got"
+        " '10.0.0.2'; $.nodes.b.gateway: must be an IP address; got '10.0.0.300'"
+    )
+    lab.write_text(LAB.replace('endpoints = ["a:0", "b:0"]', 'endpoints = ["a:0", "b:3"]'))
+    done = subprocess.run(
+        [*EMU, "run", str(lab)], capture_output=True, text=True, env=ENV, timeout=60
+    )
+    assert done.returncode == 2
+    assert "$.links[0].endpoints: b:3 does not exist (b has 1 adapters)" in done.stderr
+
+
 def wait_for_line(stream: object, needle: str, timeout: float) -> str:
     """Read lines from a process pipe until one contains ``needle``."""
     deadline = time.monotonic() + timeout
@@ -230,5 +253,16 @@ def test_listings_have_json() -> None:
     )
     results = {row["subject"]: row for row in json.loads(check.stdout)}
     assert results["qemu-system-x86_64"]["ok"] is True
-    assert results["kvm"]["ok"] is False  # off here, and KVM does not work on this host anyway
+    assert results["kvm"]["ok"] is True  # EMU_QEMU_KVM=off: not used, so not a problem
+    assert results["kvm"]["detail"].startswith("not used: KVM is turned off")
+    auto = subprocess.run(
+        [*EMU, "check", "--json"],
+        capture_output=True,
+        text=True,
+        env={**ENV, "EMU_QEMU_KVM": "auto"},
+        timeout=120,
+    )
+    assert auto.returncode == 1
+    kvm = {row["subject"]: row for row in json.loads(auto.stdout)}["kvm"]
+    assert kvm["ok"] is False  # this host's KVM hangs guests: the probe says so
     assert results["cpulimit"]["ok"] is True
