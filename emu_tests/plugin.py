@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import pluggy
 
     from emu_tests.guest import TinyGuest
+    from emu_tests.lab import LabHelper
     from emucore.models import HostSettings, Project
     from emucore.node import Node
     from emucore.session import Session
@@ -191,6 +192,21 @@ def qemu_node(
         return node
 
     return make
+
+
+@pytest.fixture
+def lab(emu_session: Session, emu_run: Runner, tmp_path: Path) -> Iterator[LabHelper]:
+    """Wire the test's nodes: ``await lab.link("a:0", "b:1")`` (names or nodes; adapter 0 by
+    default; ``filters=LinkFilters(...)`` for impairments). ``await lab.start(toml_text)``
+    runs a whole lab file instead. Everything is stopped at teardown.
+    """
+    from emu_tests.lab import LabHelper
+
+    helper = LabHelper(emu_session, tmp_path)
+    try:
+        yield helper
+    finally:
+        emu_run(helper.stop())
 
 
 @pytest.fixture

@@ -1,0 +1,111 @@
+"""The emu pytest plugin, tested the way pytest plugins are: with pytester, in subprocesses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.qemu
+
+
+def live_processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmdline and state != "Z" and "pytest" not in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_a_session_that_does_not_use_it_imports_nothing_of_emu(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import sys
+
+        def test_plain():
+            assert not [m for m in sys.modules if m.startswith(("emucore", "emu_qemu", "emu_vpcs"))]
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+def test_fixtures_boot_link_and_clean_up_even_when_a_test_fails(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_ping(emu_run, qemu_node, guest_console, lab):
+            async def body():
+                a = await qemu_node("a", ip="10.0.0.1/24")
+                b = await qemu_node("b", ip="10.0.0.2/24")
+                await lab.link(a, "b:0")
+                console = await guest_console(a)
+                status, out = await console.run("ping -c 2 10.0.0.2")
+                assert status == 0, out
+            emu_run(body())
+
+        def test_fails_with_a_node_running(emu_run, qemu_node):
+            async def body():
+                await qemu_node("left")
+                assert False, "on purpose"
+            emu_run(body())
+
+        def test_one_plugin_for_one_test(emu_plugin_manager):
+            import types
+            from emucore import hookimpl
+            extra = types.ModuleType("extra")
+            @hookimpl
+            def emu_build_args(node):
+                return None
+            extra.emu_build_args = emu_build_args
+            emu_plugin_manager.register(extra, name="extra")
+            assert emu_plugin_manager.get_plugin("extra") is extra
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", f"--basetemp={pytester.path / 'tmp'}"
+    )
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*AssertionError: on purpose*"])
+    assert live_processes_mentioning(str(pytester.path / "tmp")) == []
+
+
+def test_a_missing_qemu_binary_skips_with_the_reason(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_boot(emu_run, qemu_node):
+            emu_run(qemu_node("x"))
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--emu-qemu=qemu-system-nowhere", "-rs"
+    )
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*QEMU binary 'qemu-system-nowhere' is not installed*"])
+
+
+def test_options_reach_the_fixtures(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_settings(emu_settings, tiny_guest):
+            assert emu_settings.emulators["qemu"]["kvm"] == "off"
+            assert tiny_guest.version == "custom"
+        """
+    )
+    from emu_tests.guest import build_tiny_guest
+
+    guest = build_tiny_guest()
+    result = pytester.runpytest_subprocess(
+        "-p",
+        "no:cacheprovider",
+        "--emu-kvm=off",
+        f"--emu-kernel={guest.kernel}",
+        f"--emu-initrd={guest.initrd}",
+    )
+    result.assert_outcomes(passed=1)
