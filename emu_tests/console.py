@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any
 
 from emu_tests.guest import PROMPT, READY_MARKER
 from emucore.errors import NodeError
 from emucore.node import Node
 from emucore.telnet import ConsoleError, TelnetConsole
+
+
+@contextlib.contextmanager
+def console_factory(
+    run: Callable[[Coroutine[Any, Any, Any]], Any],
+    opener: Callable[[Node], Awaitable[TelnetConsole]],
+) -> Iterator[Callable[[Node], Awaitable[TelnetConsole]]]:
+    """A factory opening consoles with ``opener``; each is closed (through ``run``, the test's
+    event loop) when the ``with`` block ends. The console fixtures are made of it."""
+    opened: list[TelnetConsole] = []
+
+    async def connect(node: Node) -> TelnetConsole:
+        console = await opener(node)
+        opened.append(console)
+        return console
+
+    try:
+        yield connect
+    finally:
+        for console in opened:
+            run(console.close())
 
 
 async def open_guest_console(node: Node, timeout: float = 90.0) -> TelnetConsole:

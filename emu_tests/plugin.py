@@ -217,17 +217,7 @@ def guest_console(emu_run: Runner) -> Iterator[Callable[[Node], Awaitable[Telnet
     ``await console.run("ip addr")`` returns ``(status, output)``; ``expect`` and ``send``
     are there for anything else.
     """
-    from emu_tests.console import open_guest_console
+    from emu_tests.console import console_factory, open_guest_console
 
-    opened: list[TelnetConsole] = []
-
-    async def connect(node: Node) -> TelnetConsole:
-        console = await open_guest_console(node)
-        opened.append(console)
-        return console
-
-    try:
+    with console_factory(emu_run, open_guest_console) as connect:
         yield connect
-    finally:
-        for console in opened:
-            emu_run(console.close())

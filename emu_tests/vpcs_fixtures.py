@@ -115,15 +115,7 @@ def vpcs_console(emu_run: Any) -> Iterator[Callable[[Node], Awaitable[TelnetCons
     its prompt (:func:`open_vpcs_console`); closed at teardown. Run commands with
     :func:`vpcs_command`.
     """
-    opened: list[TelnetConsole] = []
+    from emu_tests.console import console_factory
 
-    async def connect(node: Node) -> TelnetConsole:
-        console = await open_vpcs_console(node)
-        opened.append(console)
-        return console
-
-    try:
+    with console_factory(emu_run, open_vpcs_console) as connect:
         yield connect
-    finally:
-        for console in opened:
-            emu_run(console.close())

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import processes_mentioning
+
 EMU = [sys.executable, "-m", "emucore.cli"]
 ENV = {**os.environ, "EMU_QEMU_KVM": "off"}
 
@@ -52,22 +54,6 @@ def lab_file(tmp_path: Path, tiny_guest: object) -> Path:
     return path
 
 
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live (non-zombie) processes whose arguments contain ``text``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if text in cmdline and state != "Z" and "pytest" not in cmdline:
-            found.append(cmdline)
-    return found
-
-
 @pytest.mark.qemu
 def test_a_lab_with_checks_runs_and_stops(lab_file: Path) -> None:
     done = subprocess.run(
@@ -87,7 +73,7 @@ def test_a_lab_with_checks_runs_and_stops(lab_file: Path) -> None:
     assert capture["icmp_replies"] >= 3
     assert Path(capture["file"]).exists()
     assert state["links"][0]["relay"] is True  # the delay needs one
-    assert processes_mentioning(str(lab_file.parent / ".emu")) == []
+    assert processes_mentioning(str(lab_file.parent / ".emu")) == {}
 
 
 @pytest.mark.qemu
@@ -205,7 +191,7 @@ def test_sigterm_during_start_leaves_nothing_behind(
     wait_for_line(running_lab.stderr, "starting", timeout=120)
     running_lab.send_signal(signal.SIGTERM)
     assert running_lab.wait(60) == 130
-    assert processes_mentioning(str(lab_file.parent / ".emu")) == []
+    assert processes_mentioning(str(lab_file.parent / ".emu")) == {}
 
 
 @pytest.mark.qemu
@@ -239,7 +225,7 @@ def test_a_running_lab_is_locked_has_consoles_and_stops_on_sigterm(
 
     running_lab.send_signal(signal.SIGTERM)
     assert running_lab.wait(60) == 0
-    assert processes_mentioning(str(lab_file.parent / ".emu")) == []
+    assert processes_mentioning(str(lab_file.parent / ".emu")) == {}
     assert not (lab_file.parent / ".emu" / "trial" / "state.json").exists()
 
 

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import dpkt
 import pytest
 
 from emucore.errors import NodeStateError
@@ -17,29 +16,12 @@ from emucore.models import LinkFilters, TapNio
 from emucore.node import Node
 from emucore.session import Session
 from emucore.telnet import TelnetConsole
+from tests.helpers import icmp_pairs
 
 NodeFactory = Callable[..., Awaitable[Node]]
 ConsoleFactory = Callable[[Node], Awaitable[TelnetConsole]]
 
 pytestmark = pytest.mark.qemu
-
-
-def icmp_pairs(path: Path) -> set[tuple[str, str, str]]:
-    """(kind, source, destination) of every ICMP echo in a pcap, read with dpkt."""
-    found = set()
-    with path.open("rb") as capture:
-        for _, frame in dpkt.pcap.Reader(capture):
-            ethernet = dpkt.ethernet.Ethernet(frame)
-            packet = ethernet.data
-            if isinstance(packet, dpkt.ip.IP) and isinstance(packet.data, dpkt.icmp.ICMP):
-                kind = {8: "request", 0: "reply"}.get(packet.data.type)
-                if kind:
-                    found.add((kind, dotted(packet.src), dotted(packet.dst)))
-    return found
-
-
-def dotted(address: bytes) -> str:
-    return ".".join(str(byte) for byte in address)
 
 
 async def ping(

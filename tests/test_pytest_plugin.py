@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from tests.helpers import processes_mentioning
+
 pytestmark = pytest.mark.qemu
-
-
-def live_processes_mentioning(text: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if text in cmdline and state != "Z" and "pytest" not in cmdline:
-            found.append(cmdline)
-    return found
 
 
 def test_a_session_that_does_not_use_it_imports_nothing_of_emu(pytester: pytest.Pytester) -> None:
@@ -73,7 +58,7 @@ def test_fixtures_boot_link_and_clean_up_even_when_a_test_fails(pytester: pytest
     )
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*AssertionError: on purpose*"])
-    assert live_processes_mentioning(str(pytester.path / "tmp")) == []
+    assert processes_mentioning(str(pytester.path / "tmp")) == {}
 
 
 def test_a_missing_qemu_binary_skips_with_the_reason(pytester: pytest.Pytester) -> None:

@@ -7,7 +7,6 @@ versions as ``84 bytes from 10.0.0.1 icmp_seq=1 ...``: the checks accept both.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import os
 import re
@@ -20,7 +19,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import dpkt
 import pytest
 from emu_vpcs.confine import ConfineError, install_seccomp
 from emu_vpcs.process import PROCESS as VPCS_PROCESS
@@ -45,6 +43,7 @@ from emucore.plugins import make_plugin_manager
 from emucore.records import CheckResult
 from emucore.session import Session
 from emucore.telnet import TelnetConsole
+from tests.helpers import icmp_pairs, processes_mentioning
 from tests.test_orphans import reap, wait_gone
 
 __all__ = ["vpcs_console", "vpcs_node"]  # fixtures, until emu_tests.plugin registers them
@@ -64,23 +63,6 @@ async def vpcs_ping(console: TelnetConsole, address: str, count: int = 3) -> str
     """VPCS pings ``address`` ``count`` times, 0.3 s apart, each waiting 1 s for its reply."""
     command = f"ping {address} -c {count} -i 300 -w 1000"
     return await vpcs_command(console, command, timeout=10 + 2 * count)
-
-
-def icmp_pairs(path: Path) -> set[tuple[str, str, str]]:
-    """(kind, source, destination) of every ICMP echo in a pcap, read with dpkt."""
-    found = set()
-    with path.open("rb") as capture:
-        for _, frame in dpkt.pcap.Reader(capture):
-            packet = dpkt.ethernet.Ethernet(frame).data
-            if isinstance(packet, dpkt.ip.IP) and isinstance(packet.data, dpkt.icmp.ICMP):
-                kind = {8: "request", 0: "reply"}.get(packet.data.type)
-                if kind:
-                    found.add((kind, _dotted(packet.src), _dotted(packet.dst)))
-    return found
-
-
-def _dotted(address: bytes) -> str:
-    return ".".join(str(byte) for byte in address)
 
 
 def run(work: Any, timeout: float = 60.0) -> Any:
@@ -471,7 +453,7 @@ def test_a_startup_script_that_never_ends_fails_the_start_and_leaves_nothing(
             with pytest.raises(EmulatorExitedError, match="VPCS showed no prompt within 1 s"):
                 await pc.start()
             assert pc.status is NodeStatus.STOPPED
-            assert processes_mentioning(str(pc.directory)) == []
+            assert processes_mentioning(str(pc.directory)) == {}
             assert not (pc.directory / "vpcs.pid").exists()
 
     emu_run(body())
@@ -557,20 +539,6 @@ def subreaper() -> None:
     libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Pids of live processes whose command line contains ``text``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if text in cmdline and state != "Z":
-                found.append(int(entry.name))
-    return found
-
-
 def test_sigkill_of_the_host_leaves_no_vpcs(tmp_path: Path, subreaper: None) -> None:
     script = tmp_path / "host.py"
     script.write_text(textwrap.dedent(HOST))
@@ -591,7 +559,7 @@ def test_sigkill_of_the_host_leaves_no_vpcs(tmp_path: Path, subreaper: None) -> 
         assert wait_gone(pids, timeout=10) == []
         print(f"VPCS gone {time.monotonic() - killed:.3f} s after the host's SIGKILL")
         reap(pids)
-        assert processes_mentioning(str(project)) == []
+        assert processes_mentioning(str(project)) == {}
     finally:
         if host.poll() is None:
             host.kill()
