@@ -32,10 +32,18 @@ _CHOSEN_PORT = StashKey[int]()
 _TELNET_PORT = re.compile(r":(\d+)(?:,|$)")
 
 
-def _free_tcp_port(host: str) -> int:
+def _free_tcp_port(node: Node) -> int:
+    host = node.settings.console_host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
+        try:
+            probe.bind((host, 0))
+        except OSError as exc:
+            raise NodeError(
+                node.name,
+                f"console: cannot pick a port on console_host {host!r} ({exc.strerror});"
+                " set HostSettings.console_host to an address of this machine",
+            ) from None
         port: int = probe.getsockname()[1]
         return port
 
@@ -56,7 +64,7 @@ def emu_prepare(node: Node) -> None:
     if props.console or props.console_type == "none":
         return
     if props.console_type == "spice" or "%console-port%" in props.options:
-        node.stash[_CHOSEN_PORT] = _free_tcp_port(node.settings.console_host)
+        node.stash[_CHOSEN_PORT] = _free_tcp_port(node)
 
 
 @hookimpl(trylast=True)
@@ -77,7 +85,7 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
         # "to" lets QEMU walk up from display 0 to the first free one.
         args = ["-vnc", opts(display, {"to": None if port else 99}), "-vga", "std"]
     elif props.console_type == "spice":
-        spice_port = port or _free_tcp_port(host)
+        spice_port = port or _free_tcp_port(node)
         spice: dict[str, str | int | bool] = {"addr": host, "port": spice_port}
         spice["disable-ticketing"] = True
         args = ["-spice", opts(None, spice), "-vga", "qxl"]

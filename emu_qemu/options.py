@@ -8,6 +8,7 @@ read or write host files or add backends behind emu's back are refused unless th
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 
@@ -43,24 +44,34 @@ UNSAFE_DEVICES = frozenset("loader guest-loader usb-host u2f-passthru".split())
 UNSAFE_DEVICE_PREFIXES = ("vfio-", "vhost-")
 
 
-def placeholders(node: Node) -> dict[str, str]:
-    """The values of ``%vm-name%``, ``%vm-id%``, ``%project-id%``, ``%project-path%`` and
-    ``%console-port%`` (a real port: the console module picks one up front when options use
-    it), with commas doubled: most QEMU arguments are option strings, and a name or path must
-    not add keys to the user's option."""
+PLACEHOLDER = re.compile(r"%(?:vm-name|vm-id|project-id|project-path|console-port)%")
+
+
+def _raw_placeholders(node: Node) -> dict[str, str]:
     console = node.console.port if node.console else console_port(node)
-    values = {
+    return {
         "%vm-name%": node.name,
         "%vm-id%": str(node.config.id),
         "%project-id%": str(node.project.id),
         "%project-path%": str(node.project.directory),
         "%console-port%": str(console),
     }
-    return {key: escape(value) for key, value in values.items()}
+
+
+def placeholders(node: Node) -> dict[str, str]:
+    """The values of ``%vm-name%``, ``%vm-id%``, ``%project-id%``, ``%project-path%`` and
+    ``%console-port%`` (a real port: the console module picks one up front when options use
+    it), with commas doubled: most QEMU arguments are option strings, and a name or path must
+    not add keys to the user's option."""
+    return {key: escape(value) for key, value in _raw_placeholders(node).items()}
 
 
 def user_argv(node: Node) -> list[str]:
-    """The node's options as argv items, placeholders replaced (not yet safety-checked)."""
+    """The node's options as argv items, placeholders replaced once (not yet safety-checked).
+
+    :raises ConfigError: a placeholder that stands for a whole item of an option string has
+        a value QEMU would read as a key (``=``) or join to the item before (leading ``,``).
+    """
     options: str = node.properties.options
     try:
         words = shlex.split(options)
@@ -68,13 +79,24 @@ def user_argv(node: Node) -> list[str]:
         raise ConfigError(f"node {node.name!r}", [f"$.options: {exc}"]) from None
     if "%" not in options:
         return words
-    values = placeholders(node)
-    result = []
-    for word in words:
-        for key, value in values.items():
-            word = word.replace(key, value)
-        result.append(word)
-    return result
+    raw, escaped = _raw_placeholders(node), placeholders(node)
+    problems = [
+        f"$.options: {item} stands for a whole item here, and its value {raw[item]!r} would"
+        " reach QEMU as a key=value; write it as the value of a key (e.g. product=" + item + ")"
+        for word in words
+        if not word.startswith("-")
+        for item in _items_of(word)
+        if item in raw and ("=" in raw[item] or raw[item].startswith(","))
+    ]
+    if problems:
+        raise ConfigError(f"node {node.name!r}", problems)
+    # One pass: placeholder text inside a value (a node named "%vm-id%") stays as it is.
+    return [PLACEHOLDER.sub(lambda match: escaped[match.group(0)], word) for word in words]
+
+
+def _items_of(word: str) -> list[str]:
+    """The items of an option string as written (split at single commas, not at ``,,``)."""
+    return [item.replace("\0", ",") for item in word.replace(",,", "\0").split(",")]
 
 
 def unsafe_options(argv: Sequence[str]) -> list[str]:

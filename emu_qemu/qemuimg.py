@@ -110,7 +110,8 @@ def _remember_checked(key: str, returncode: int) -> None:
     path = _checked_file()
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        checked = _load_checked()
+        # Forget images that are gone (temporary bases of tests, deleted labs).
+        checked = {k: v for k, v in _load_checked().items() if Path(k.split("|")[0]).exists()}
         checked[key] = returncode
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(checked, indent=1))

@@ -121,7 +121,14 @@ class Session:
         where = where or (f"node {name!r}" if isinstance(name, str) else "node")
         if not isinstance(kind, str):
             raise ConfigError(where, ['$.emulator: required (e.g. "qemu")'])
-        info = self.emulator(kind)
+        if kind not in self.emulators:
+            known = ", ".join(sorted(self.emulators)) or "none"
+            problem = (
+                f"$.emulator: no plugin provides {kind!r} (loaded: {known});"
+                " is its package installed, or is it blocked?"
+            )
+            raise ConfigError(where, [problem])
+        info = self.emulators[kind]
         problems: list[str] = []
         properties = {k: v for k, v in description.items() if k not in _CORE_KEYS}
         props = _collect(problems, "$", properties, info.properties)

@@ -119,7 +119,9 @@ def test_two_plugins_providing_one_kind_is_an_error(tmp_path: Path) -> None:
 
 def test_an_unknown_kind_names_the_loaded_ones(tmp_path: Path) -> None:
     session = session_with(tmp_path, make_toy("alpha"))
-    with pytest.raises(PluginError, match=r"'gamma' \(loaded: alpha\)"):
+    with pytest.raises(
+        ConfigError, match=r"node 'g': \$.emulator: no plugin provides 'gamma' \(loaded: alpha\)"
+    ):
         session.add_node({"name": "g", "emulator": "gamma"})
 
 

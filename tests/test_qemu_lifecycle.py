@@ -58,20 +58,21 @@ def test_boot_run_suspend_resume_reload(
         # Suspended, the guest runs nothing: the command waits until resume.
         await node.suspend()
         assert (await monitor_of(node).execute("query-status"))["running"] is False
-        before = time.monotonic()
         await console.sendline("echo was-$((6*7))")
         with pytest.raises(ConsoleError):
             await console.expect("was-42", timeout=2.0)
-        paused_for = time.monotonic() - before
         await node.resume()
         await console.expect("was-42", timeout=20)
         assert node.status is NodeStatus.STARTED
-        # The guest's clock stood still too (guest uptime grows much less than host time).
+        # The guest's clock stood still too: of the host's time around a 3 s suspension, the
+        # guest's uptime misses (almost) those 3 s, however slow the commands around it are.
+        began = time.monotonic()
         start_up = await uptime(console)
         await node.suspend()
-        await asyncio.sleep(paused_for)  # time passes on the host only
+        await asyncio.sleep(3.0)  # time passes on the host only
         await node.resume()
-        assert await uptime(console) - start_up < paused_for - 1.0
+        guest_elapsed = await uptime(console) - start_up
+        assert time.monotonic() - began - guest_elapsed > 2.5
 
         # Reload resets the guest: it boots again from the start.
         up_before = await uptime(console)
@@ -190,7 +191,8 @@ def test_priority_throttling_and_private_sockets(emu_run: Any, qemu_node: NodeFa
         assert os.getpriority(os.PRIO_PROCESS, pid) == 19
         cpulimit = node.stash[CPULIMIT]
         cmdline = Path(f"/proc/{cpulimit.pid}/cmdline").read_bytes().split(b"\0")
-        assert cmdline[1:6] == [b"-p", str(pid).encode(), b"-l", b"50", b"-z"]
+        wanted = [b"-p", str(pid).encode(), b"-l", b"50", b"-z"]
+        assert any(cmdline[i : i + 5] == wanted for i in range(len(cmdline))), cmdline
         socket_mode = (node.directory / "qmp.sock").stat().st_mode
         assert stat.S_ISSOCK(socket_mode)
         assert stat.S_IMODE(socket_mode) == 0o600
