@@ -78,7 +78,7 @@ class Monitor:
                 if loop.time() >= deadline:
                     message = f"QMP socket {socket_path} not ready after {timeout:g} s"
                     raise QmpError(message) from error
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.002)
         except BaseException:
             _close_fd(dir_fd)
             await _quiet_disconnect(client)

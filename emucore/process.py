@@ -3,8 +3,9 @@
 Every emulator or helper process (QEMU, VPCS, cpulimit) is started through :func:`spawn`:
 
 * the kernel sends it SIGTERM when the host process dies, even by SIGKILL
-  (``PR_SET_PDEATHSIG``; it fires when the spawning *thread* ends, so spawn from the event
-  loop's thread, which lives as long as the host);
+  (``PR_SET_PDEATHSIG``, set by util-linux's ``setpriv`` right before it execs the command,
+  or by a ``preexec_fn`` where setpriv is missing; it fires when the spawning *thread* ends,
+  so spawn from the event loop's thread, which lives as long as the host);
 * it gets its own session, so a Ctrl-C on the host's terminal reaches the host only and the
   host stops its nodes in order;
 * its files are created with mode 0600/0700 (umask 077): QMP sockets, logs, captures;
@@ -19,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import shutil
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +45,12 @@ def _child_setup(parent: int, libc: Any) -> None:
     os.umask(0o077)
 
 
+# util-linux's setpriv sets the death signal and execs the command: no Python code has to run
+# in the child, so CPython can use vfork instead of copying the host's memory (0.6 ms against
+# 15 ms for a 200 MB host at every start). Without it, a preexec_fn does the same job.
+_SETPRIV = shutil.which("setpriv")
+
+
 async def spawn(
     argv: Sequence[str],
     *,
@@ -57,16 +65,20 @@ async def spawn(
     :param output: where stdout and stderr go (a file, ``PIPE`` or ``DEVNULL``).
     :param stdin: the child's stdin (``DEVNULL`` by default).
     """
+    common: dict[str, Any] = {
+        "cwd": cwd,
+        "stdin": stdin,
+        "stdout": output,
+        "stderr": asyncio.subprocess.STDOUT if output is not None else None,
+        "start_new_session": True,
+    }
+    if _SETPRIV is not None:
+        command = [_SETPRIV, "--pdeathsig", "TERM", "--", *argv]
+        return await asyncio.create_subprocess_exec(*command, umask=0o077, **common)
     libc = _load_libc()
     parent = os.getpid()
     return await asyncio.create_subprocess_exec(
-        *argv,
-        cwd=cwd,
-        stdin=stdin,
-        stdout=output,
-        stderr=asyncio.subprocess.STDOUT if output is not None else None,
-        start_new_session=True,
-        preexec_fn=lambda: _child_setup(parent, libc),
+        *argv, preexec_fn=lambda: _child_setup(parent, libc), **common
     )
 
 
