@@ -77,6 +77,30 @@ def test_a_lab_with_checks_runs_and_stops(lab_file: Path) -> None:
 
 
 @pytest.mark.qemu
+def test_the_demo_passes(tmp_path: Path, tiny_guest: object) -> None:
+    demo = Path(__file__).parent.parent / "examples" / "demo.toml"
+    lab = tmp_path / "demo.toml"  # a copy: its captures and node files go to tmp_path
+    lab.write_text(demo.read_text())
+    done = subprocess.run(
+        [*EMU, "run", str(lab), "--check", "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = json.loads(done.stdout)
+    assert {n["name"]: n["emulator"] for n in state["nodes"]} == {
+        "a": "qemu",
+        "b": "qemu",
+        "pc": "vpcs",
+    }
+    assert all(check["passed"] for check in state["checks"])
+    assert len(state["checks"]) == 4  # three consoles and the capture
+    assert processes_mentioning(str(tmp_path)) == {}
+
+
+@pytest.mark.qemu
 def test_a_failing_check_fails_the_run(lab_file: Path) -> None:
     done = subprocess.run(
         [
