@@ -81,17 +81,35 @@ def user_argv(node: Node) -> list[str]:
         return words
     raw, escaped = _raw_placeholders(node), placeholders(node)
     problems = [
-        f"$.options: {item} stands for a whole item here, and its value {raw[item]!r} would"
-        " reach QEMU as a key=value; write it as the value of a key (e.g. product=" + item + ")"
+        problem
         for word in words
         if not word.startswith("-")
         for item in _items_of(word)
-        if item in raw and ("=" in raw[item] or raw[item].startswith(","))
+        if (problem := _placeholder_misplaced(item, raw))
     ]
     if problems:
         raise ConfigError(f"node {node.name!r}", problems)
     # One pass: placeholder text inside a value (a node named "%vm-id%") stays as it is.
     return [PLACEHOLDER.sub(lambda match: escaped[match.group(0)], word) for word in words]
+
+
+def _placeholder_misplaced(item: str, raw: dict[str, str]) -> str:
+    """Why a placeholder in ``item`` could change what QEMU reads, or ''.
+
+    Placeholders belong in values: in a key (``%vm-name%=x``) the node's name would choose
+    the key; as a whole item, a value holding ``=`` becomes a key=value, and a leading comma
+    joins the item before.
+    """
+    key, sep, _ = item.partition("=")
+    found = PLACEHOLDER.search(key) if sep else None
+    if found:
+        return f"$.options: {found.group(0)} cannot stand in a key ({item!r}); use it in a value"
+    if item in raw and ("=" in raw[item] or raw[item].startswith(",")):
+        return (
+            f"$.options: {item} stands for a whole item here, and its value {raw[item]!r} would"
+            f" reach QEMU as a key=value; write it as the value of a key (e.g. product={item})"
+        )
+    return ""
 
 
 def _items_of(word: str) -> list[str]:

@@ -24,11 +24,6 @@ if TYPE_CHECKING:
     from emucore.node import Node
 
 
-async def await_each(results: Sequence[Any]) -> list[Any]:
-    """Await every awaitable in ``results`` in order; plain values pass through."""
-    return [await result if inspect.isawaitable(result) else result for result in results]
-
-
 async def call_in_order(caller: pluggy.HookCaller, **kwargs: Any) -> list[Any]:
     """Call a *may be async* hook one implementation at a time, awaiting each result before
     the next implementation is called (pluggy's order: tryfirst, normal, trylast).

@@ -12,8 +12,7 @@ import ipaddress
 import json
 import os
 import re
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,7 +21,7 @@ import attrs
 from emucore.errors import ConfigError, EmuError
 from emucore.lab import TINY, CheckSpec, LabSpec, parse_endpoint, tiny_guest_node
 from emucore.links import Link
-from emucore.models import HostSettings, NodeEvent, Project
+from emucore.models import HostSettings, Project
 from emucore.node import Node
 from emucore.pcap import icmp_echoes, read_frames
 from emucore.relay import SIDES
@@ -94,9 +93,6 @@ class LabLock:
             self._file = None
 
 
-Reporter = Callable[[NodeEvent], None]
-
-
 class LabRunner:
     """One lab, run once.
 
@@ -122,7 +118,6 @@ class LabRunner:
         self.session: Session | None = None
         self.links: list[Link] = []
         self._tiny_nodes: set[str] = set()
-        self.started_at = time.monotonic()
         self.started_ok = False
 
     # -- building ---------------------------------------------------------------------------

@@ -1057,3 +1057,8 @@ def test_emu_argv_bad_input_found_by_plugins(tmp_path: Path, content: str, field
     (line,) = done.stderr.splitlines()
     assert field in line
     assert str(node_file) in line
+
+
+def test_a_placeholder_cannot_stand_in_a_key(qemu_lab: QemuLab) -> None:
+    message = refused(qemu_lab, name="romfile", options="-device e1000,%vm-name%=/etc/passwd")
+    assert "$.options: %vm-name% cannot stand in a key ('%vm-name%=/etc/passwd')" in message

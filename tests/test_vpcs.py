@@ -36,7 +36,7 @@ from emu_tests.vpcs_fixtures import (
 )
 from emucore import hookimpl
 from emucore.errors import ConfigError, EmulatorExitedError, NodeError
-from emucore.hooks import await_each
+from emucore.hooks import call_in_order
 from emucore.models import HostSettings, NodeEvent, NodeStatus, Project, UdpNio
 from emucore.node import Node
 from emucore.plugins import make_plugin_manager
@@ -185,7 +185,7 @@ def test_the_command_line_of_a_connected_and_of_an_unconnected_node(session: Ses
 def check_vpcs(settings: HostSettings) -> CheckResult:
     # Blocked: the QEMU checks (the KVM probe boots a kernel) are not what this is about.
     manager = make_plugin_manager(environ={}, blocked=["qemu.accel", "qemu.binary"])
-    results = run(await_each(manager.hook.emu_check(settings=settings)))
+    results = run(call_in_order(manager.hook.emu_check, settings=settings))
     found: list[CheckResult] = [r for group in results for r in group if r.subject == "vpcs"]
     assert len(found) == 1, found
     return found[0]
