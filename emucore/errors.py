@@ -43,6 +43,10 @@ class NodeStateError(NodeError):
     """The operation is not allowed in the node's current status (e.g. suspend a stopped node)."""
 
 
+class CaptureUnsupportedError(NodeError):
+    """No plugin of the node's emulator captures on that adapter (hosts fall back to a relay)."""
+
+
 class ImageError(NodeError):
     """A disk or kernel image is missing, unreadable, corrupt or not allowed."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import attrs
 
-from emucore.errors import EmuError, NodeError
+from emucore.errors import CaptureUnsupportedError, EmuError, NodeError
 from emucore.models import LinkFilters, UdpNio
 from emucore.node import Node
 from emucore.ports import PortAllocator
@@ -103,9 +103,8 @@ class Link:
         try:
             await end.node.start_capture(end.adapter, path)
             return
-        except NodeError as exc:
-            if "no plugin can capture" not in str(exc):
-                raise
+        except CaptureUnsupportedError:
+            pass  # the relay captures instead
         if self.relay is None:
             await self._open_relay(self.filters)
             await self._attach_both()

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from emucore.errors import EmuError, NodeError, NodeStateError
+from emucore.errors import CaptureUnsupportedError, EmuError, NodeError, NodeStateError
 from emucore.events import EventBus
 from emucore.hooks import NodeHooks
 from emucore.models import (
@@ -264,7 +264,7 @@ class Node:
         """Write the frames crossing ``adapter`` to the pcap file ``path``.
 
         :raises NodeStateError: the node is not running, or the adapter is captured already.
-        :raises NodeError: no plugin can capture on this adapter.
+        :raises CaptureUnsupportedError: no plugin can capture on this adapter.
         """
         async with self._lock:
             current = self._adapter(adapter)
@@ -279,7 +279,9 @@ class Node:
             path.parent.mkdir(parents=True, exist_ok=True)
             taken = await self._guard("capture", self.hooks.capture(self, adapter, path))
             if not taken:
-                raise NodeError(self.name, f"no plugin can capture on adapter {adapter}")
+                raise CaptureUnsupportedError(
+                    self.name, f"no plugin can capture on adapter {adapter}"
+                )
             self._replace_adapter(attrs.evolve(current, capture=path))
 
     async def stop_capture(self, adapter: int) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from emucore.errors import NodeError, NodeStateError
+from emucore.errors import CaptureUnsupportedError, NodeError, NodeStateError
 from emucore.models import NodeEvent, NodeStatus, Project, TapNio, UdpNio
 from emucore.node import Node
 from emucore.plugins import make_plugin_manager
@@ -201,7 +201,7 @@ def test_captures(tmp_path: Path) -> None:
         await node.start_capture(0, tmp_path / "a.pcap")
         with pytest.raises(NodeStateError, match="already captured to"):
             await node.start_capture(0, tmp_path / "b.pcap")
-        with pytest.raises(NodeError, match="no plugin can capture on adapter 1"):
+        with pytest.raises(CaptureUnsupportedError, match="no plugin can capture on adapter 1"):
             await node.start_capture(1, tmp_path / "c.pcap")
         assert node.adapters[1].capture is None
         await node.stop_capture(0)
