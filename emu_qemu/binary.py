@@ -22,6 +22,7 @@ from emucore import hookimpl
 from emucore.errors import NodeError
 from emucore.models import HostSettings
 from emucore.node import Node
+from emucore.paths import find_program
 from emucore.records import ArgFragment, CheckResult
 from emucore.stash import StashKey
 
@@ -70,20 +71,15 @@ def find_binary(props: QemuProperties, settings: QemuSettings | None, node: str)
 
     :raises BinaryError: naming the property that led to a missing or unusable binary.
     """
-    search = os.pathsep.join(
-        [*map(str, settings.binary_dirs if settings else ()), os.environ.get("PATH", "")]
-    )
     if props.qemu_path:
         field, wanted = "qemu_path", props.qemu_path
     else:
         field = "platform"
         wanted = f"qemu-system-{props.platform or DEFAULT_PLATFORM}"
-    located = wanted if os.sep in wanted else shutil.which(wanted, path=search)
-    if located is None or not Path(located).exists():
-        raise BinaryError(node, f"{field}: QEMU binary {wanted!r} not found (searched {search})")
-    path = Path(located).absolute()
-    if not path.is_file() or not os.access(path, os.X_OK):
-        raise BinaryError(node, f"{field}: {str(path)!r} is not an executable file")
+    try:
+        path = find_program(wanted, settings.binary_dirs if settings else ())
+    except LookupError as exc:
+        raise BinaryError(node, f"{field}: QEMU binary {exc}") from None
     platform = platform_of(path.name)
     if platform is None or platform not in PLATFORMS:
         raise BinaryError(

@@ -1,35 +1,66 @@
-"""The node's console: telnet on a serial port, VNC, SPICE, or none.
+"""The node's console: telnet on the guest's serial port (served by the host), VNC, SPICE, or none.
 
-A port of 0 (or none given) lets QEMU pick a free one when it binds (telnet, VNC), and the
-real port is read back over QMP: no bind-then-close race. SPICE cannot pick its own port, so
-one is chosen just before the start. The telnet console's output is also written to
-``console.log`` in the node directory, so nothing the guest prints is lost before a client
-connects.
+**Telnet.** QEMU's own telnet server takes one client at a time (a second one hangs, unseen)
+and writes its log file wherever the path leads. So the host serves the console instead:
+
+* before QEMU starts, the host listens on ``console.sock`` in the node directory and binds
+  the telnet port on ``console_host`` (the node's ``console``, or one the kernel picks);
+* QEMU connects its serial port to that socket as a client (``-chardev socket,path=...``)
+  while it starts, before any guest code runs, so nothing the guest prints is lost;
+* once QEMU runs, the port serves any number of telnet clients at once
+  (:class:`~emucore.telnetd.TelnetServer`), and the host writes ``console.log`` itself.
+
+**VNC and SPICE.** A VNC port of 0 lets QEMU pick the first free display and the real port
+is read back over QMP (``query-vnc``); SPICE cannot pick its own port, so one is chosen just
+before the start and read back (``query-spice``).
 """
 
 from __future__ import annotations
 
-import re
+import asyncio
+import os
 import socket
 from collections.abc import Sequence
+
+import attrs
 
 from emu_qemu import positions
 from emu_qemu.qemuopts import opts
 from emu_qemu.qmp import monitor_of
 from emucore import hookimpl
+from emucore.consoles import SocketConsole
 from emucore.errors import NodeError
-from emucore.models import ConsoleInfo
+from emucore.models import ConsoleInfo, NodeStatus
 from emucore.node import Node
 from emucore.records import ArgFragment
 from emucore.stash import StashKey
+from emucore.telnetd import TelnetServer
 
 EMULATOR = "qemu"
 
 CHARDEV_ID = "console0"
 LOG_NAME = "console.log"
+SOCKET_NAME = "console.sock"
 VNC_BASE = 5900
+# QEMU connects its serial port while it starts, long before QMP answers; this is a bound.
+CONNECT_TIMEOUT = 10.0
+# QEMU is gone when the console is closed: the rest of its output is already in the socket.
+DRAIN_TIMEOUT = 2.0
+_SUN_PATH_MAX = 107
+
+
+@attrs.define
+class HostConsole:
+    """The host's side of a telnet console: the guest's socket, the hub, the telnet port."""
+
+    listener: socket.socket
+    server: asyncio.Server
+    hub: SocketConsole
+    telnet: TelnetServer
+
+
 _CHOSEN_PORT = StashKey[int]()
-_TELNET_PORT = re.compile(r":(\d+)(?:,|$)")
+CONSOLE = StashKey[HostConsole]()
 
 
 def _free_tcp_port(node: Node) -> int:
@@ -49,19 +80,71 @@ def _free_tcp_port(node: Node) -> int:
 
 
 def console_port(node: Node) -> int:
-    """The console port the command line asks for: the node's, one chosen at prepare time,
-    or 0 (QEMU picks; the real port is in ``node.console`` once the node runs)."""
+    """The console port the command line asks for: the telnet port the host holds, the
+    node's, one chosen at prepare time, or 0 (QEMU picks; ``node.console`` has the real
+    port once the node runs)."""
+    held = node.stash.get(CONSOLE, None)
+    if held is not None:
+        return held.telnet.port
     chosen: int = node.properties.console or node.stash.get(_CHOSEN_PORT, 0)
     return chosen
 
 
+def _unix_listener(node: Node) -> socket.socket:
+    """A UNIX socket listening on ``console.sock`` in the node directory (reached through a
+    directory fd when the path is longer than a socket address may be)."""
+    path = node.directory / SOCKET_NAME
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dir_fd = None
+    try:
+        address = str(path)
+        if len(address) > _SUN_PATH_MAX:
+            dir_fd = os.open(node.directory, os.O_PATH | os.O_DIRECTORY)
+            address = f"/proc/self/fd/{dir_fd}/{SOCKET_NAME}"
+        listener.bind(address)
+        path.chmod(0o600)
+        listener.listen(1)
+    except BaseException:
+        listener.close()
+        raise
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return listener
+
+
+async def _open_host_console(node: Node) -> HostConsole:
+    host, port = node.settings.console_host, node.properties.console or 0
+    try:
+        telnet = await TelnetServer.bind(node.name, host, port)
+    except OSError as exc:
+        raise NodeError(
+            node.name,
+            f"console: cannot listen on {host} port {port}: {exc.strerror or exc};"
+            " choose another port or leave console unset",
+        ) from None
+    try:
+        hub = SocketConsole(node.directory / LOG_NAME)
+        listener = _unix_listener(node)
+        server = await asyncio.start_unix_server(hub.attach, sock=listener)
+    except BaseException:
+        await telnet.close()
+        raise
+    return HostConsole(listener, server, hub, telnet)
+
+
 @hookimpl(trylast=True)
-def emu_prepare(node: Node) -> None:
-    """Pick a free port now when QEMU cannot pick one itself: SPICE (port 0 disables it),
-    or options that use ``%console-port%`` (they need the real number in the argv)."""
+async def emu_prepare(node: Node) -> None:
+    """At a start: take the telnet port and the guest's console socket (QEMU needs both
+    before it runs). SPICE, or options using ``%console-port%``, get a free port chosen now
+    (QEMU cannot pick one itself there)."""
     node.stash.pop(_CHOSEN_PORT, None)
     props = node.properties
-    if props.console or props.console_type == "none":
+    if props.console_type == "telnet" and node.status is NodeStatus.STARTING:
+        node.stash[CONSOLE] = await _open_host_console(node)
+        return
+    if props.console or props.console_type in ("none", "telnet"):
         return
     if props.console_type == "spice" or "%console-port%" in props.options:
         node.stash[_CHOSEN_PORT] = _free_tcp_port(node)
@@ -74,10 +157,9 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
     host = node.settings.console_host
     port: int = console_port(node)
     if props.console_type == "telnet":
-        chardev: dict[str, str | int | bool] = {"id": CHARDEV_ID, "host": host, "port": port}
-        chardev |= {"server": True, "wait": False}
-        chardev |= {"telnet": True, "logfile": str(node.directory / LOG_NAME)}
-        args = ["-chardev", opts("socket", chardev), "-serial", f"chardev:{CHARDEV_ID}"]
+        # A client of the host's socket; the path is relative to QEMU's working directory.
+        chardev = opts("socket", {"id": CHARDEV_ID, "path": SOCKET_NAME})
+        args = ["-chardev", chardev, "-serial", f"chardev:{CHARDEV_ID}"]
     elif props.console_type == "vnc":
         if port and port < VNC_BASE:
             raise NodeError(node.name, f"console: a VNC port must be ≥ {VNC_BASE}, got {port}")
@@ -96,20 +178,38 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
 
 @hookimpl(trylast=True)
 async def emu_started(node: Node) -> None:
-    """Read the real console port from QEMU and publish it as ``node.console``."""
+    """Serve the telnet console once QEMU is connected, or read the real VNC/SPICE port from
+    QEMU; publish it as ``node.console``."""
     props = node.properties
     host = node.settings.console_host
-    monitor = monitor_of(node)
-    if props.console_type == "telnet":
-        chardevs = await monitor.execute("query-chardev")
-        filename = next(c["filename"] for c in chardevs if c["label"] == CHARDEV_ID)
-        match = _TELNET_PORT.search(filename)
-        if match is None:
-            raise NodeError(node.name, f"console: cannot read the telnet port from {filename!r}")
-        node.console = ConsoleInfo("telnet", host, int(match.group(1)))
+    held = node.stash.get(CONSOLE, None)
+    if held is not None:
+        try:
+            await asyncio.wait_for(held.hub.connected.wait(), CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise NodeError(
+                node.name, f"console: QEMU did not connect its serial port in {CONNECT_TIMEOUT:g} s"
+            ) from None
+        await held.telnet.serve(held.hub)
+        node.console = ConsoleInfo("telnet", host, held.telnet.port)
     elif props.console_type == "vnc":
-        vnc = await monitor.execute("query-vnc")
+        vnc = await monitor_of(node).execute("query-vnc")
         node.console = ConsoleInfo("vnc", host, int(vnc["service"]))
     elif props.console_type == "spice":
-        spice = await monitor.execute("query-spice")
+        spice = await monitor_of(node).execute("query-spice")
         node.console = ConsoleInfo("spice", host, int(spice["port"]))
+
+
+@hookimpl(trylast=True)
+async def emu_stopped(node: Node) -> None:
+    """QEMU is gone: read what it printed last, disconnect the console's clients and
+    release the port and the socket."""
+    held = node.stash.pop(CONSOLE, None)
+    if held is None:
+        return
+    held.server.close()
+    await held.hub.drain(DRAIN_TIMEOUT)
+    await held.telnet.close()
+    await held.hub.aclose()
+    held.listener.close()
+    (node.directory / SOCKET_NAME).unlink(missing_ok=True)

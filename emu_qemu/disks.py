@@ -16,11 +16,13 @@ import attrs
 
 from emu_qemu import positions, qemuimg
 from emu_qemu.binary import binary_of
+from emu_qemu.chain import check_image_chain, referenced_files
 from emu_qemu.images import resolve_image, sniff_format
 from emu_qemu.properties import DRIVES
 from emu_qemu.qemuopts import opts
 from emucore import hookimpl
 from emucore.errors import ConfigError, ImageError
+from emucore.files import UnsafePathError, check_regular
 from emucore.node import Node
 from emucore.records import ArgFragment
 from emucore.stash import StashKey
@@ -34,7 +36,7 @@ _X86 = ("x86_64", "i386")
 class PreparedDisk:
     """A disk as QEMU will open it.
 
-    :ivar drive: ``a``..``d``.
+    :ivar drive: ``a``..``d``, or ``cdrom``.
     :ivar path: the overlay (linked clone) or the image itself.
     :ivar format: the format of ``path``.
     :ivar base: the base image (same as ``path`` without linked clone).
@@ -116,11 +118,13 @@ def emu_close(node: Node) -> None:
 
 @hookimpl(trylast=True)
 async def emu_prepare_disks(node: Node) -> None:
-    """Create or reuse linked clones, rebase moved bases, check overlays and bases."""
+    """Check every image's chain, create or reuse linked clones, rebase moved bases, check
+    overlays and bases."""
     qemu_img = qemuimg.find_qemu_img(binary_of(node).path)
     prepared: dict[str, PreparedDisk] = {}
     for drive, base in _images(node).items():
-        base_info = await qemuimg.info(qemu_img, base)
+        field = f"hd{drive}_disk_image"
+        base_info = await check_image_chain(node, qemu_img, field, base)
         base_format = str(base_info["format"])
         await _check_base(node, qemu_img, drive, base, base_format)
         if node.properties.linked_clone:
@@ -128,6 +132,10 @@ async def emu_prepare_disks(node: Node) -> None:
             prepared[drive] = PreparedDisk(drive, overlay, "qcow2", base)
         else:
             prepared[drive] = PreparedDisk(drive, base, base_format, base)
+    if node.properties.cdrom_image:
+        cdrom = resolve_image(node, "cdrom_image", node.properties.cdrom_image)
+        info = await check_image_chain(node, qemu_img, "cdrom_image", cdrom)
+        prepared["cdrom"] = PreparedDisk("cdrom", cdrom, str(info["format"]), cdrom)
     node.stash[DISKS] = prepared
 
 
@@ -146,9 +154,15 @@ async def _check_base(node: Node, qemu_img: str, drive: str, base: Path, fmt: st
 
 async def _linked_clone(node: Node, qemu_img: str, drive: str, base: Path, fmt: str) -> Path:
     overlay = overlay_path(node, drive)
-    if not overlay.exists():
+    what = f"hd{drive}: the linked clone"
+    try:
+        exists = check_regular(overlay, what)
+    except UnsafePathError as exc:
+        raise ImageError(node.name, str(exc)) from None
+    if not exists:
         # Create under a temporary name: a kill during creation leaves no half overlay.
         partial = overlay.with_suffix(".partial")
+        partial.unlink(missing_ok=True)  # whatever a dead start (or a planted link) left
         args = ["create", "-q", "-f", "qcow2", "-b", str(base), "-F", fmt, str(partial)]
         done = await qemuimg.run(qemu_img, args, timeout=120)
         if done.returncode != 0:
@@ -156,9 +170,17 @@ async def _linked_clone(node: Node, qemu_img: str, drive: str, base: Path, fmt: 
             raise ImageError(node.name, f"hd{drive}: cannot create linked clone: {done.output}")
         os.replace(partial, overlay)
         return overlay
-    info = await qemuimg.info(qemu_img, overlay)
+    # The overlay may come with a project someone else made: read its header as qcow2 (never
+    # probed), and accept no data file; its backing file is emu's to set.
+    info = await qemuimg.info(qemu_img, overlay, image_format="qcow2")
     if info.get("format") != "qcow2":
-        raise ImageError(node.name, f"hd{drive}: {overlay} is not a qcow2 overlay; move it away")
+        raise ImageError(node.name, f"{what} {overlay} is not a qcow2 overlay; move it away")
+    if any(kind == "data file" for kind, _ in referenced_files(info)):
+        raise ImageError(
+            node.name,
+            f"{what} {overlay} has an external data file, which emu's linked clones never"
+            " have; move it away to start again from the base image",
+        )
     if Path(info.get("full-backing-filename") or info.get("backing-filename") or "") != base:
         # The base moved (or the node points at another copy): rewrite the pointer only.
         args = ["rebase", "-u", "-f", "qcow2", "-b", str(base), "-F", fmt, str(overlay)]
@@ -167,7 +189,7 @@ async def _linked_clone(node: Node, qemu_img: str, drive: str, base: Path, fmt: 
             raise ImageError(node.name, f"hd{drive}: cannot rebase {overlay}: {done.output}")
         node.emit("info", f"hd{drive}: linked clone now points at {base}")
     # Leaks are what a killed QEMU leaves: repair those only, in the overlay.
-    done = await qemuimg.run(qemu_img, ["check", "-q", "-r", "leaks", str(overlay)])
+    done = await qemuimg.run(qemu_img, ["check", "-q", "-f", "qcow2", "-r", "leaks", str(overlay)])
     if done.returncode not in (qemuimg.CHECK_OK, qemuimg.CHECK_LEAKS):
         message = (
             f"hd{drive}: the linked clone {overlay} is damaged (qemu-img check exit"
@@ -187,6 +209,9 @@ def _disk_for(node: Node, drive: str) -> tuple[Path, str]:
     prepared = node.stash.get(DISKS, {}).get(drive)
     if prepared is not None:  # found, checked and opened by emu_prepare_disks at this start
         return prepared.path, prepared.format
+    if drive == "cdrom":
+        cdrom = resolve_image(node, "cdrom_image", node.properties.cdrom_image)
+        return cdrom, sniff_format(cdrom)
     image = resolve_image(node, f"hd{drive}_disk_image", node.properties.disk_image(drive))
     if node.properties.linked_clone:
         return overlay_path(node, drive), "qcow2"
@@ -206,11 +231,8 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
         path, fmt = _disk_for(node, drive)
         args += _drive_args(props.disk_interface(drive), index, path, fmt, x86, controllers)
     if props.cdrom_image:
-        cdrom = resolve_image(node, "cdrom_image", props.cdrom_image)
-        cdrom_drive: dict[str, str | int | bool] = {
-            "file": str(cdrom),
-            "format": sniff_format(cdrom),
-        }
+        cdrom, cdrom_format = _disk_for(node, "cdrom")
+        cdrom_drive: dict[str, str | int | bool] = {"file": str(cdrom), "format": cdrom_format}
         cdrom_drive |= {"if": "ide", "index": 2, "media": "cdrom", "readonly": True}
         args += ["-drive", opts(None, cdrom_drive)]
     return [ArgFragment(positions.DISKS, args, "qemu.disks")] if args else []

@@ -1,9 +1,10 @@
 """The node's ``options``: extra QEMU arguments, with placeholders, checked for safety.
 
 Options are split like a shell would (``shlex``), placeholders are replaced inside each
-argument after splitting (so a name with spaces stays one argument), and options that could
-read or write host files or add backends behind emu's back are refused unless the host sets
-``HostSettings.allow_unsafe_options``.
+argument after splitting (so a name with spaces stays one argument), and only then checked
+against :mod:`emu_qemu.optionpolicy` (an allow-list of options, read the way QEMU reads
+them): anything that could reach host files, devices or sockets is refused unless the host
+sets ``HostSettings.allow_unsafe_options``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 from emu_qemu import positions
 from emu_qemu.console import console_port
+from emu_qemu.optionpolicy import unsafe_options
 from emu_qemu.qemuopts import escape
 from emucore import hookimpl
 from emucore.errors import ConfigError
@@ -21,28 +23,6 @@ from emucore.node import Node
 from emucore.records import ArgFragment
 
 EMULATOR = "qemu"
-
-# Options that name host files or create devices' backends (disks, network, sockets, files),
-# open a port (-s is -gdb tcp::1234), map a host file as RAM, or edit emu's own options (-set).
-UNSAFE_OPTIONS = frozenset(
-    "-drive -blockdev -hda -hdb -hdc -hdd -cdrom -fda -fdb -mtdblock -sd -pflash -snapshot"
-    " -netdev -nic -net -fsdev -virtfs -chardev -serial -parallel -monitor -qmp -qmp-pretty"
-    " -mon -debugcon -gdb -incoming -loadvm -readconfig -writeconfig -add-fd -object -plugin"
-    " -trace -D -pidfile -daemonize -runas -chroot -option-rom -bios -kernel -initrd -dtb"
-    " -L -usbdevice -sandbox -spice -vnc -audiodev -tpmdev -compat"
-    " -set -s -fw_cfg -mem-path -acpitable -semihosting -semihosting-config -qtest".split()
-)
-
-# Keys that make any option read or write a host file or open a port, wherever they appear:
-# -device e1000,romfile=F  -global e1000.romfile=F  -machine kernel=F  -boot splash=F ...
-UNSAFE_KEYS = frozenset(
-    "file romfile kernel initrd firmware dtb dumpdtb splash rrfile path logfile vnc".split()
-)
-
-# Devices that reach into the host: load host files, pass host devices or vhost backends through.
-UNSAFE_DEVICES = frozenset("loader guest-loader usb-host u2f-passthru".split())
-UNSAFE_DEVICE_PREFIXES = ("vfio-", "vhost-")
-
 
 PLACEHOLDER = re.compile(r"%(?:vm-name|vm-id|project-id|project-path|console-port)%")
 
@@ -117,44 +97,6 @@ def _items_of(word: str) -> list[str]:
     return [item.replace("\0", ",") for item in word.replace(",,", "\0").split(",")]
 
 
-def unsafe_options(argv: Sequence[str]) -> list[str]:
-    """The unsafe options among ``argv``: unsafe options themselves (``-drive``,
-    ``--netdev``, ``-chardev=...``), unsafe keys in any option's value (``-device
-    e1000,romfile=F`` gives ``-device romfile=``) and unsafe devices (``-device loader``)."""
-    found = []
-    option = ""
-    for word in argv:
-        if word.startswith("-"):
-            option = "-" + word.lstrip("-").split("=", 1)[0]
-            if option in UNSAFE_OPTIONS:
-                found.append(option)
-            continue
-        if option in UNSAFE_OPTIONS:
-            continue  # refused as a whole already
-        for key, value in _items(word):
-            # -global spells keys DRIVER.KEY=V or driver=D,property=KEY,value=V.
-            name = value if key == "property" else key.rsplit(".", 1)[-1]
-            if name in UNSAFE_KEYS:
-                found.append(f"{option} {name}=")
-            if option == "-device" and key in ("", "driver") and _unsafe_device(value):
-                found.append(f"{option} {value}")
-    return found
-
-
-def _items(value: str) -> list[tuple[str, str]]:
-    """``(key, value)`` of each item of a QEMU option string (key ``""`` for a bare item)."""
-    items = value.replace(",,", "\0").split(",")  # ",," is a literal comma, not a separator
-    pairs = [item.partition("=") for item in items]
-    return [
-        (key, rest.replace("\0", ",")) if sep else ("", key.replace("\0", ","))
-        for key, sep, rest in pairs
-    ]
-
-
-def _unsafe_device(driver: str) -> bool:
-    return driver in UNSAFE_DEVICES or driver.startswith(UNSAFE_DEVICE_PREFIXES)
-
-
 def check_options(node: Node, argv: Sequence[str] | None = None) -> None:
     """Refuse unsafe options unless the host allows them.
 
@@ -165,21 +107,22 @@ def check_options(node: Node, argv: Sequence[str] | None = None) -> None:
         return
     unsafe = unsafe_options(user_argv(node) if argv is None else argv)
     if unsafe:
-        listed = ", ".join(sorted(set(unsafe)))
+        listed = ", ".join(dict.fromkeys(unsafe))
         raise ConfigError(
             f"node {node.name!r}",
             [
-                f"$.options: {listed} could reach host files or add backends emu does not"
-                " manage; use the node's properties instead, or let the host allow unsafe"
-                " options (HostSettings.allow_unsafe_options)"
+                f"$.options: {listed} could reach host files, devices or sockets, or are not"
+                " among the options a node may set (see the QEMU node reference); use the"
+                " node's properties instead, or let the host allow unsafe options"
+                " (HostSettings.allow_unsafe_options)"
             ],
         )
 
 
 @hookimpl(trylast=True)
 def emu_node_created(node: Node) -> None:
-    """Refuse unsafe options as soon as the node is described."""
-    check_options(node)
+    """Refuse misplaced placeholders and unsafe options as soon as the node is described."""
+    check_options(node, user_argv(node))
 
 
 @hookimpl(trylast=True)

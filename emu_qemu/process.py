@@ -27,6 +27,7 @@ from emu_qemu.properties import QemuSettings
 from emu_qemu.qmp import MONITOR, SOCKET_NAME, Monitor, QmpError, monitor_of
 from emucore import hookimpl
 from emucore.errors import EmulatorExitedError
+from emucore.files import create_file
 from emucore.node import Node
 from emucore.process import log_tail, reap_pidfile, spawn, terminate, write_pidfile
 from emucore.records import ArgFragment
@@ -90,7 +91,7 @@ async def emu_start(node: Node, argv: Sequence[str]) -> None:
     await reap_pidfile(directory / PIDFILE_NAME)
     (directory / SOCKET_NAME).unlink(missing_ok=True)
     log_path = directory / LOG_NAME
-    with log_path.open("w") as log:
+    with create_file(log_path) as log:
         log.write(shlex.join(argv) + "\n")
         log.flush()
         process = await spawn(argv, cwd=directory, output=log)

@@ -77,21 +77,26 @@ def _stamp(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
-_info_cache: dict[tuple[str, int, int], dict[str, Any]] = {}
+_info_cache: dict[tuple[str, int, int, str], dict[str, Any]] = {}
 
 
-async def info(qemu_img: str, path: Path) -> dict[str, Any]:
+async def info(qemu_img: str, path: Path, image_format: str | None = None) -> dict[str, Any]:
     """``qemu-img info --output=json`` of ``path`` (cached while the file is unchanged).
 
+    It opens neither the backing file nor a qcow2 data file (see :mod:`emu_qemu.chain`).
     ``-U`` lets it read an image a running QEMU holds.
+
+    :param image_format: read the image as this format instead of probing it.
     """
-    stamp = _stamp(path)
-    if stamp not in _info_cache:
-        done = await run(qemu_img, ["info", "-U", "--output=json", str(path)], timeout=60)
+    key = (*_stamp(path), image_format or "")
+    if key not in _info_cache:
+        forced = ["-f", image_format] if image_format else []
+        args = ["info", "-U", *forced, "--output=json", str(path)]
+        done = await run(qemu_img, args, timeout=60)
         if done.returncode != 0:
             raise QemuImgError(f"qemu-img info {path} failed: {done.output}")
-        _info_cache[stamp] = json.loads(done.output)
-    return _info_cache[stamp]
+        _info_cache[key] = json.loads(done.output)
+    return _info_cache[key]
 
 
 def _checked_file() -> Path:

@@ -12,6 +12,7 @@ import shutil
 from emu_qemu.process import qemu_pid
 from emucore import hookimpl
 from emucore.errors import NodeError
+from emucore.files import create_file
 from emucore.node import Node
 from emucore.process import spawn, terminate
 from emucore.records import CheckResult
@@ -36,7 +37,7 @@ async def emu_started(node: Node) -> None:
             node.name,
             "cpu_throttling: cpulimit is not installed (Debian: apt-get install cpulimit)",
         )
-    with (node.directory / "cpulimit.log").open("w") as log:
+    with create_file(node.directory / "cpulimit.log") as log:
         node.stash[CPULIMIT] = await spawn(
             [cpulimit, "-p", str(pid), "-l", str(percent), "-z"], cwd=node.directory, output=log
         )

@@ -106,6 +106,10 @@ class NodeHooks:
         """Call ``emu_stop``."""
         await call_in_order(self.caller("emu_stop"), node=node)
 
+    async def stopped(self, node: Node) -> None:
+        """Call ``emu_stopped``."""
+        await call_in_order(self.caller("emu_stopped"), node=node)
+
     async def suspend(self, node: Node) -> None:
         """Call ``emu_suspend``."""
         await call_in_order(self.caller("emu_suspend"), node=node)

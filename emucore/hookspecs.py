@@ -184,6 +184,21 @@ def emu_stop(node: Node) -> Awaitable[None] | None:
 
 
 @hookspec
+def emu_stopped(node: Node) -> Awaitable[None] | None:
+    """The emulator is gone: release the helpers attached to it in ``emu_started``.
+
+    Called after every ``emu_stop`` implementation returned (after a stop, a failed start or
+    a crash), when the emulator's process no longer exists: what it wrote last (to a console,
+    a pipe) can still be read to its end here.
+
+    :param node: the node (status ``stopping``).
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
 def emu_suspend(node: Node) -> Awaitable[None] | None:
     """Pause the running node (its CPUs stop; the process stays).
 

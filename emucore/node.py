@@ -21,6 +21,7 @@ import attrs
 
 from emucore.errors import CaptureUnsupportedError, EmuError, NodeError, NodeStateError
 from emucore.events import EventBus
+from emucore.files import private_dir
 from emucore.hooks import NodeHooks
 from emucore.models import (
     Adapter,
@@ -123,11 +124,20 @@ class Node:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def make_directory(self) -> Path:
+        """Create the node's directory, refusing links planted anywhere below the project
+        directory (see :mod:`emucore.files`).
+
+        :raises UnsafePathError: a component is a symbolic link or not a directory.
+        """
+        relative = self.directory.relative_to(self.project.directory)
+        return private_dir(self.project.directory, relative)
+
     async def prepare_disks(self) -> None:
         """Prepare disks now (e.g. linked clones) instead of at the first start."""
         async with self._lock:
             self._refuse_if_closed("prepare disks")
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.make_directory()
             await self._guard("prepare", self.hooks.prepare(self))
             await self._guard("prepare disks", self.hooks.prepare_disks(self))
 
@@ -148,7 +158,7 @@ class Node:
                 return
             self._set_status(NodeStatus.STARTING)
             try:
-                self.directory.mkdir(parents=True, exist_ok=True)
+                self.make_directory()
                 await self.hooks.prepare(self)
                 await self.hooks.prepare_disks(self)
                 self.argv = self.hooks.build_args(self)
@@ -166,7 +176,7 @@ class Node:
 
     async def _stop_after_failure(self) -> None:
         try:
-            await self.hooks.stop(self)
+            await self._stop_hooks()
         except Exception as exc:
             log.exception("%s: cleanup after a failed start failed", self.name)
             self.emit("error", f"cleanup after a failed start failed: {exc}")
@@ -183,10 +193,17 @@ class Node:
             return
         self._set_status(NodeStatus.STOPPING)
         try:
-            await asyncio.shield(self.hooks.stop(self))
+            await asyncio.shield(self._stop_hooks())
         finally:
             self.console = None
             self._set_status(NodeStatus.STOPPED)
+
+    async def _stop_hooks(self) -> None:
+        """``emu_stop``, then ``emu_stopped`` even when a stop implementation failed."""
+        try:
+            await self.hooks.stop(self)
+        finally:
+            await self.hooks.stopped(self)
 
     async def suspend(self) -> None:
         """Pause a started node (no-op when suspended)."""

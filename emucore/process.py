@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from emucore.files import read_text, write_atomic
+
 _PR_SET_PDEATHSIG = 1
 _libc: Any = None
 
@@ -105,8 +107,9 @@ async def terminate(process: asyncio.subprocess.Process, grace: float = 5.0) -> 
 
 
 def write_pidfile(path: Path, pid: int, marker: str) -> None:
-    """Record ``pid`` with a ``marker`` that must appear in its command line to be ours."""
-    path.write_text(f"{pid}\n{marker}\n")
+    """Record ``pid`` with a ``marker`` that must appear in its command line to be ours
+    (never through a link planted at ``path``)."""
+    write_atomic(path, f"{pid}\n{marker}\n")
 
 
 async def reap_pidfile(path: Path, timeout: float = 5.0) -> int | None:
@@ -118,7 +121,7 @@ async def reap_pidfile(path: Path, timeout: float = 5.0) -> int | None:
     :return: the pid killed, if any.
     """
     try:
-        pid_text, marker = path.read_text().split("\n")[:2]
+        pid_text, marker = read_text(path, 4096).split("\n")[:2]
         pid = int(pid_text)
     except (OSError, ValueError):
         path.unlink(missing_ok=True)

@@ -163,6 +163,10 @@ async def run_paused(
     """
     node.directory.mkdir(parents=True, exist_ok=True)
     (node.directory / "qmp.sock").unlink(missing_ok=True)
+    # The serial console connects to the host's socket as QEMU starts: listen as a host does.
+    console = (
+        await _console_listener(node.directory) if "path=console.sock" in argv_text(argv) else None
+    )
     process = await asyncio.create_subprocess_exec(
         *argv,
         cwd=node.directory,
@@ -202,6 +206,25 @@ async def run_paused(
             process.kill()
             await process.wait()
         stderr.cancel()
+        if console is not None:
+            console.close()
+
+
+def argv_text(argv: list[str]) -> str:
+    """The argv as one string, to look for an option in it."""
+    return " ".join(argv)
+
+
+async def _console_listener(directory: Path) -> asyncio.Server:
+    """Accept (and ignore) QEMU's serial console connection on ``console.sock``."""
+    (directory / "console.sock").unlink(missing_ok=True)
+    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+    try:
+        return await asyncio.start_unix_server(
+            lambda _r, _w: None, path=f"/proc/self/fd/{dir_fd}/console.sock"
+        )
+    finally:
+        os.close(dir_fd)
 
 
 async def _connect(

@@ -28,14 +28,30 @@ def _dotted(address: bytes) -> str:
 
 def processes_mentioning(text: str) -> dict[int, str]:
     """Live (non-zombie) processes, other than this one and pytest runs, whose command line
-    contains ``text``: pid → command line."""
+    contains ``text``: pid → command line.
+
+    A pytest run is recognised by its program (``pytest``, or ``python -m pytest``), not by
+    "pytest" anywhere in its command line: every path under pytest's temporary directory
+    holds that word, and a QEMU working there is exactly what this looks for.
+    """
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         with contextlib.suppress(OSError, IndexError):
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            cmdline = " ".join(argv)
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if text in cmdline and state != "Z" and "pytest" not in cmdline:
+            if text in cmdline and state != "Z" and not _is_pytest(argv):
                 found[int(entry.name)] = cmdline
     return found
+
+
+def _is_pytest(argv: list[str]) -> bool:
+    """``pytest ...``, ``python .../pytest ...``, ``python -m pytest ...`` or ``-mpytest``."""
+    program = [os.path.basename(word) for word in argv[:3]]
+    if program[0].startswith("pytest"):
+        return True
+    if not program[0].startswith("python") or len(program) < 2:
+        return False
+    return program[1].startswith(("pytest", "-mpytest")) or program[1:3] == ["-m", "pytest"]

@@ -25,7 +25,7 @@ import pytest
 from _pytest.fixtures import getfixturemarker
 
 import emu_tests
-from emu_qemu import options
+from emu_qemu import optionpolicy
 from emu_qemu.properties import CustomAdapter, QemuProperties
 from emucore import cli, hookspecs
 from emucore.models import HostSettings
@@ -252,12 +252,17 @@ def test_a_setting_is_documented(kind: str, name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    sorted(options.UNSAFE_OPTIONS | options.UNSAFE_KEYS | options.UNSAFE_DEVICES)
-    + [f"{prefix}*" for prefix in options.UNSAFE_DEVICE_PREFIXES],
+    sorted(
+        optionpolicy.FLAGS
+        | set(optionpolicy.ALLOWED)
+        | optionpolicy.UNSAFE_KEYS
+        | optionpolicy.UNSAFE_DEVICES
+    )
+    + [f"{prefix}*" for prefix in optionpolicy.UNSAFE_DEVICE_PREFIXES],
 )
-def test_an_unsafe_qemu_option_is_listed(name: str) -> None:
+def test_the_option_policy_is_listed(name: str) -> None:
     text = section(page("qemu-node.md"), "What is refused")
-    assert f"`{name}`" in text, f"qemu-node.md does not list the unsafe {name}"
+    assert f"`{name}`" in text, f"qemu-node.md does not list {name} of the option policy"
 
 
 def position_cases() -> list[tuple[str, str, int]]:

@@ -651,14 +651,20 @@ def test_qmp_is_a_private_unix_socket_and_the_console_listens_where_configured(
             assert node.console is not None
             host = console_host or "127.0.0.1"
             assert (node.console.type, node.console.host) == (console_type, host)
-            # The kernel's view: QEMU listens on TCP at the console's address and port only;
-            # QMP is nowhere on TCP.
-            assert bound_sockets(pid, "tcp", "0A") == {(host, node.console.port)}
-            qmp = node.directory / "qmp.sock"
-            mode = qmp.stat().st_mode
-            assert stat.S_ISSOCK(mode)
-            assert stat.S_IMODE(mode) == 0o600
-            assert qmp.stat().st_uid == os.getuid()
+            # The kernel's view: the console listens on TCP at the console's address and port
+            # only (QEMU's VNC server; the host's telnet server, QEMU then listening on no TCP
+            # port at all); QMP is nowhere on TCP.
+            console = {(host, node.console.port)}
+            if console_type == "telnet":
+                assert bound_sockets(pid, "tcp", "0A") == set()
+                assert console <= bound_sockets(os.getpid(), "tcp", "0A")
+            else:
+                assert bound_sockets(pid, "tcp", "0A") == console
+            for name in ("qmp.sock", "console.sock") if console_type == "telnet" else ("qmp.sock",):
+                mode = (node.directory / name).stat().st_mode
+                assert stat.S_ISSOCK(mode)
+                assert stat.S_IMODE(mode) == 0o600
+                assert (node.directory / name).stat().st_uid == os.getuid()
         finally:
             await session.close()
 

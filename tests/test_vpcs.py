@@ -23,7 +23,6 @@ import pytest
 from emu_vpcs.confine import ConfineError, install_seccomp
 from emu_vpcs.process import PROCESS as VPCS_PROCESS
 from emu_vpcs.process import launcher_argv, vpcs_pid
-from emu_vpcs.telnetd import TelnetDecoder
 
 from emu_qemu.binary import BINARY
 from emu_qemu.process import PROCESS as QEMU_PROCESS
@@ -43,6 +42,7 @@ from emucore.plugins import make_plugin_manager
 from emucore.records import CheckResult
 from emucore.session import Session
 from emucore.telnet import TelnetConsole
+from emucore.telnetd import TelnetDecoder
 from tests.helpers import icmp_pairs, processes_mentioning
 from tests.test_orphans import reap, wait_gone
 
@@ -177,9 +177,15 @@ def test_the_command_line_of_a_connected_and_of_an_unconnected_node(session: Ses
     )
     with pytest.raises(NodeError, match="adapter 0: VPCS needs an IPv4 address"):
         argv_of(far)
-    missing = session.add_node({"name": "pc5", "emulator": "vpcs", "vpcs_path": "/nope/vpcs"})
-    with pytest.raises(NodeError, match="vpcs_path: VPCS binary '/nope/vpcs' not found"):
+    missing = session.add_node(
+        {"name": "pc5", "emulator": "vpcs", "vpcs_path": "/usr/bin/no-such-vpcs"}
+    )
+    with pytest.raises(NodeError, match="vpcs_path: VPCS binary '/usr/bin/no-such-vpcs' not found"):
         argv_of(missing)
+    # A description cannot make emu run an executable of its choice.
+    elsewhere = session.add_node({"name": "pc6", "emulator": "vpcs", "vpcs_path": "/tmp/vpcs"})
+    with pytest.raises(NodeError, match="is not in the host's binary directories or on PATH"):
+        argv_of(elsewhere)
 
 
 def check_vpcs(settings: HostSettings) -> CheckResult:

@@ -17,6 +17,6 @@ plugin name       module               concern
 ================  ===================  =====================================================
 
 Helpers that are not plugins: :mod:`emu_vpcs.properties`, :mod:`emu_vpcs.positions`,
-:mod:`emu_vpcs.terminal` (the pty), :mod:`emu_vpcs.telnetd` (the telnet server) and
-:mod:`emu_vpcs.confine` (the launcher that confines VPCS and execs it).
+:mod:`emu_vpcs.terminal` (the pty) and :mod:`emu_vpcs.confine` (the launcher that confines
+VPCS and execs it). The telnet server is the core's (:mod:`emucore.telnetd`).
 """

@@ -6,9 +6,7 @@ The version is read from ``vpcs -v`` once per binary (keyed by path, size and mt
 from __future__ import annotations
 
 import functools
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +20,7 @@ from emucore.convert import structure
 from emucore.errors import ConfigError, NodeError
 from emucore.models import HostSettings
 from emucore.node import Node
+from emucore.paths import find_program
 from emucore.records import ArgFragment, CheckResult
 from emucore.stash import StashKey
 
@@ -55,24 +54,15 @@ def settings_of(node: Node) -> VpcsSettings:
     return settings if isinstance(settings, VpcsSettings) else VpcsSettings()
 
 
-def _search_path(settings: VpcsSettings) -> str:
-    return os.pathsep.join([*map(str, settings.binary_dirs), os.environ.get("PATH", "")])
-
-
 def locate(wanted: str, settings: VpcsSettings) -> VpcsBinary:
     """Resolve ``wanted`` (a path, or a name looked up on the search path) and read its version.
 
     :raises LookupError: saying what is wrong with the binary and what to do.
     """
-    search = _search_path(settings)
-    located = wanted if os.sep in wanted else shutil.which(wanted, path=search)
-    if located is None or not Path(located).exists():
-        raise LookupError(
-            f"VPCS binary {wanted!r} not found (searched {search}); Debian: apt-get install vpcs"
-        )
-    path = Path(located).absolute()
-    if not path.is_file() or not os.access(path, os.X_OK):
-        raise LookupError(f"{str(path)!r} is not an executable file")
+    try:
+        path = find_program(wanted, settings.binary_dirs)
+    except LookupError as exc:
+        raise LookupError(f"VPCS binary {exc}; Debian: apt-get install vpcs") from None
     stat = path.stat()
     version = _read_version(path, stat.st_size, stat.st_mtime_ns)
     if version is None:

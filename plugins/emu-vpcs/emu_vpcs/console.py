@@ -1,7 +1,7 @@
 """The node's console: telnet, served by the host from VPCS' terminal, or none.
 
 The host reads VPCS' terminal (see :mod:`emu_vpcs.terminal`) and serves it on a TCP port
-(:class:`~emu_vpcs.telnetd.TelnetServer`): several clients may be connected at once, and they
+(:class:`~emucore.telnetd.TelnetServer`): several clients may be connected at once, and they
 stay connected when VPCS restarts for a relink. Without a ``console`` port the kernel picks a
 free one when the server binds, and it is published as ``node.console``. Everything VPCS
 prints is also in ``vpcs.log`` in the node directory, whether a client listens or not.
@@ -10,12 +10,12 @@ prints is also in ``vpcs.log`` in the node directory, whether a client listens o
 from __future__ import annotations
 
 from emu_vpcs.process import terminal_of
-from emu_vpcs.telnetd import TelnetServer
 from emucore import hookimpl
 from emucore.errors import NodeError
 from emucore.models import ConsoleInfo
 from emucore.node import Node
 from emucore.stash import StashKey
+from emucore.telnetd import TelnetServer
 
 EMULATOR = "vpcs"
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ import attrs
 
 from emu_vpcs import positions
 from emu_vpcs.binary import settings_of
-from emu_vpcs.terminal import Terminal
+from emu_vpcs.terminal import PROMPT, Terminal
 from emucore import hookimpl
 from emucore.errors import EmuError, EmulatorExitedError, NodeStateError
 from emucore.models import NodeStatus
@@ -49,8 +48,6 @@ EMULATOR = "vpcs"
 LOG_NAME = "vpcs.log"
 PIDFILE_NAME = "vpcs.pid"
 LAUNCHER = Path(__file__).with_name("confine.py")
-# VPCS' prompt, "VPCS> " or "<pcname>> ", printed after "\r" once the startup script ran.
-PROMPT = re.compile(rb"\r[^\r\n>]{1,64}> ")
 
 
 @attrs.define

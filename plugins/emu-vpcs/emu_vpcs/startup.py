@@ -16,6 +16,7 @@ from pathlib import Path
 from emu_vpcs import positions
 from emu_vpcs.properties import parse_interface
 from emucore import hookimpl
+from emucore.files import write_atomic
 from emucore.models import NodeStatus
 from emucore.node import Node
 from emucore.records import ArgFragment
@@ -48,7 +49,7 @@ def script_text(node: Node) -> str:
 def emu_prepare(node: Node) -> None:
     """Write the script at each start (a dry run writes nothing)."""
     if node.status is NodeStatus.STARTING:
-        script_path(node).write_text(script_text(node))
+        write_atomic(script_path(node), script_text(node))
 
 
 @hookimpl(trylast=True)

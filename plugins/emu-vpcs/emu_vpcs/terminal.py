@@ -3,8 +3,16 @@
 VPCS runs in the foreground with a pty as stdin, stdout and stderr (its ``-p`` daemon mode
 forks, and a forked child loses the death signal that ties it to the host). The host reads
 the master side all the time, so VPCS never blocks on a full terminal, and hands each chunk
-to the log file (``vpcs.log``) and to every listener (the telnet console's clients); what a
-client types goes to the master side, hence to VPCS.
+to the log file (``vpcs.log``) and to every listener (the telnet console's clients): a
+:class:`~emucore.consoles.ConsoleHub`. What a client types goes to the master side, hence to
+VPCS, in the way VPCS can take it (both seen with Debian's VPCS 0.8):
+
+* cut to lines of at most 127 characters: VPCS reads a line into a fixed buffer and crashes
+  (SIGSEGV) on lines of about 144 characters or more; 127 never crashed it, even 200 KB;
+* one line at a time, each once VPCS shows its prompt again: VPCS reads whatever is
+  waiting at once and keeps only the first line of it, so a pasted script lost every line
+  but the first. Ctrl-C is passed at once (it interrupts a ``ping``) and drops the lines
+  typed ahead, as a terminal does.
 
 A :class:`Terminal` lives as long as the node runs and outlives a VPCS restart (a relink):
 each VPCS process gets a new pty through :meth:`Terminal.open_pty`, and listeners stay.
@@ -13,7 +21,6 @@ each VPCS process gets a new pty through :meth:`Terminal.open_pty`, and listener
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -21,37 +28,68 @@ import pty
 import re
 import struct
 import termios
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+
+from emucore.consoles import INPUT_LIMIT, ConsoleHub
 
 log = logging.getLogger("emu.vpcs")
 
-Listener = Callable[[bytes], None]
-
 _READ_SIZE = 65536
-# What a client types but the pty does not take yet; beyond this the typing is dropped.
-_INPUT_LIMIT = 65536
-_TAIL_SIZE = 16384
 _ROWS, _COLUMNS = 24, 80
+# VPCS' prompt, "VPCS> " or "<pcname>> ", printed after "\r" once it reads a new line.
+PROMPT = re.compile(rb"\r[^\r\n>]{1,64}> ")
+_PROMPT_AT_END = re.compile(PROMPT.pattern + rb"$")
+# Typed-ahead lines wait this long for a prompt before they are sent anyway.
+PROMPT_WAIT = 10.0
+CTRL_C = 0x03
+# The longest line VPCS is given; the rest of a longer line is dropped (see above).
+MAX_LINE = 127
+_LINE_ENDS = b"\r\n\x03"  # Enter, and Ctrl-C, which abandons the line
+_ERASE = b"\x08\x7f"
 
 
-class Terminal:
+class LineCutter:
+    """Drops what a client types beyond :data:`MAX_LINE` characters on one line.
+
+    Control characters always pass (VPCS' line editing and history keys); a line end or
+    Ctrl-C starts a new line, a backspace shortens it.
+    """
+
+    def __init__(self, limit: int = MAX_LINE) -> None:
+        self.limit = limit
+        self._length = 0
+
+    def feed(self, data: bytes) -> bytes:
+        """What of ``data`` VPCS may read."""
+        out = bytearray()
+        for byte in data:
+            if byte in _LINE_ENDS:
+                self._length = 0
+            elif byte in _ERASE:
+                self._length = max(0, self._length - 1)
+            elif byte >= 0x20:
+                if self._length >= self.limit:
+                    continue
+                self._length += 1
+            out.append(byte)
+        return bytes(out)
+
+
+class Terminal(ConsoleHub):
     """The master side of VPCS' pty, its log, and who listens to it.
 
-    :ivar log_path: where everything VPCS prints is appended.
+    :ivar log_path: where everything VPCS prints is written.
     """
 
     def __init__(self, log_path: Path) -> None:
         """Open (truncate) ``log_path``; no pty yet: see :meth:`open_pty`."""
-        self.log_path = log_path
-        self._log: BinaryIO | None = log_path.open("wb", buffering=0)
-        self._listeners: list[Listener] = []
+        super().__init__(log_path)
         self._master: int | None = None
         self._pending = bytearray()
-        self._tail = bytearray()
-        self._expectations: set[asyncio.Future[bool]] = set()
-        self._loop = asyncio.get_running_loop()
+        self._lines = LineCutter()
+        self._ready = False  # VPCS shows its prompt: it reads the next line now
+        self._recent = bytearray()  # the end of what VPCS printed, to see its prompt
+        self._give_up: asyncio.TimerHandle | None = None
 
     def open_pty(self) -> int:
         """Open a new pty (closing the previous one) and start reading its master side.
@@ -76,86 +114,60 @@ class Terminal:
             self._loop.remove_writer(master)
             os.close(master)
         self._pending.clear()
-        self._hung_up()
+        self._set_ready(False)
+        self.hung_up()
 
     def close(self) -> None:
         """Close the pty and the log; listeners are dropped."""
         self.close_pty()
-        self._listeners.clear()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call ``listener`` with each chunk VPCS prints from now on; returns an unsubscribe."""
-        self._listeners.append(listener)
-        return lambda: self._unsubscribe(listener)
-
-    def _unsubscribe(self, listener: Listener) -> None:
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(listener)
-
-    def note(self, text: str) -> None:
-        """Write a line of emu's own (e.g. why VPCS restarts) to the log and the listeners."""
-        self._deliver(f"\r\n[emu] {text}\r\n".encode())
+        super().close()
 
     def write(self, data: bytes) -> None:
-        """Type ``data`` into VPCS; dropped when no pty is open or too much is queued."""
+        """Type ``data`` into VPCS the way it can take it (see the module docstring); dropped
+        when no pty is open or too much is queued."""
+        data = self._lines.feed(data)
         if self._master is None or not data:
             return
-        if len(self._pending) + len(data) > _INPUT_LIMIT:
+        if len(self._pending) + len(data) > INPUT_LIMIT:
             log.warning("%s: console input dropped: VPCS does not read it", self.log_path)
             return
         self._pending += data
         self._flush()
 
-    def tail(self, lines: int = 20) -> str:
-        """The last ``lines`` lines VPCS printed, without carriage returns."""
-        text = self._tail.decode(errors="replace").replace("\r", "")
-        return "\n".join(text.splitlines()[-lines:])
+    def _set_ready(self, ready: bool) -> None:
+        self._ready = ready
+        if self._give_up is not None:
+            self._give_up.cancel()
+            self._give_up = None
 
-    def expect(self, pattern: re.Pattern[bytes]) -> asyncio.Future[bool]:
-        """Watch what VPCS prints from now on for ``pattern``.
-
-        :return: a future that becomes ``True`` when the pattern was printed, ``False`` when
-            the pty hangs up (VPCS exited) first; cancel it to stop watching.
-        """
-        future: asyncio.Future[bool] = self._loop.create_future()
-        seen = bytearray()
-
-        def listener(chunk: bytes) -> None:
-            seen.extend(chunk)
-            if not future.done() and pattern.search(seen):
-                future.set_result(True)
-
-        unsubscribe = self.subscribe(listener)
-        self._expectations.add(future)
-
-        def forget(_: asyncio.Future[bool]) -> None:
-            unsubscribe()
-            self._expectations.discard(future)
-
-        future.add_done_callback(forget)
-        return future
-
-    def _hung_up(self) -> None:
-        for future in list(self._expectations):
-            if not future.done():
-                future.set_result(False)
+    def _prompt_late(self) -> None:
+        log.warning("%s: VPCS showed no prompt in %g s; typing on", self.log_path, PROMPT_WAIT)
+        self._set_ready(True)
+        self._flush()
 
     def _flush(self) -> None:
         master = self._master
         if master is None:
             return
+        interrupt = self._pending.find(CTRL_C)
+        if interrupt >= 0 and not self._ready:
+            del self._pending[:interrupt]  # the lines typed ahead go with the interrupt
+        if not self._ready and self._pending[:1] != bytes([CTRL_C]):
+            return
+        end = next((i for i, byte in enumerate(self._pending) if byte in _LINE_ENDS), -1)
+        chunk = bytes(self._pending if end < 0 else self._pending[: end + 1])
         try:
-            written = os.write(master, self._pending)
+            written = os.write(master, chunk)
         except BlockingIOError:
             written = 0
         except OSError:
             self._pending.clear()  # VPCS is gone; the reader sees the hangup
             return
         del self._pending[:written]
-        if self._pending:
+        if written == len(chunk) and end >= 0:
+            self._set_ready(False)  # a line went in: the next waits for the prompt
+            self._give_up = self._loop.call_later(PROMPT_WAIT, self._prompt_late)
+        if self._pending and written < len(chunk):
             self._loop.add_writer(master, self._flush)
         else:
             self._loop.remove_writer(master)
@@ -172,23 +184,11 @@ class Terminal:
             chunk = b""
         if not chunk:
             self._loop.remove_reader(master)
-            self._hung_up()
+            self.hung_up()
             return
-        self._deliver(chunk)
-
-    def _deliver(self, chunk: bytes) -> None:
-        self._tail += chunk
-        del self._tail[:-_TAIL_SIZE]
-        if self._log is not None:
-            try:
-                self._log.write(chunk)
-            except OSError as error:
-                # A full disk must not stop the console: keep serving, stop logging.
-                log.warning("%s: logging stopped: %s", self.log_path, error)
-                self._log.close()
-                self._log = None
-        for listener in list(self._listeners):
-            try:
-                listener(chunk)
-            except Exception:
-                log.exception("%s: a console listener failed", self.log_path)
+        self.deliver(chunk)
+        self._recent = (self._recent + chunk)[-256:]
+        if _PROMPT_AT_END.search(self._recent):
+            self._set_ready(True)
+            if self._pending:
+                self._flush()

@@ -1,11 +1,12 @@
-"""A small telnet server in front of a :class:`~emu_vpcs.terminal.Terminal`, for any number of
+"""A small telnet server in front of a :class:`~emucore.consoles.ConsoleHub`, for any number of
 clients at once.
 
-Every client sees everything VPCS prints from the moment it connects, and what any client
-types goes to VPCS. The server asks clients for character mode (``WILL ECHO``, ``WILL
-SUPPRESS-GO-AHEAD``: VPCS echoes and edits the line itself), drops the telnet negotiation
-they send, turns telnet's Enter (CR LF or CR NUL) into one CR and its Interrupt Process into
-Ctrl-C. A client that does not read its output is disconnected rather than buffered forever.
+Every client sees everything the emulator prints from the moment it connects, and what any
+client types goes to the emulator. The server asks clients for character mode (``WILL
+ECHO``, ``WILL SUPPRESS-GO-AHEAD``: the guest echoes and edits the line itself), drops the
+telnet negotiation they send, turns telnet's Enter (CR LF or CR NUL) into one CR and its
+Interrupt Process into Ctrl-C. A client that does not read its output is disconnected rather
+than buffered forever.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import contextlib
 import logging
 import socket
 
-from emu_vpcs.terminal import Terminal
+from emucore.consoles import ConsoleHub
 
-log = logging.getLogger("emu.vpcs")
+log = logging.getLogger("emu")
 
 IAC, DONT, DO, WONT, WILL, SB, SE, IP = 255, 254, 253, 252, 251, 250, 240, 244
 ECHO, SUPPRESS_GO_AHEAD = 1, 3
@@ -28,7 +29,8 @@ MAX_UNREAD = 1 << 20
 
 
 class TelnetDecoder:
-    """Turns what a telnet client sends into what VPCS should read (state kept across chunks)."""
+    """Turns what a telnet client sends into what the guest should read (state kept across
+    chunks)."""
 
     def __init__(self) -> None:
         self._state = "data"
@@ -69,24 +71,27 @@ class TelnetDecoder:
 
 
 class TelnetServer:
-    """Serves a terminal over telnet on one TCP port.
+    """Serves a console over telnet on one TCP port.
+
+    Binding and serving are two steps, so a plugin can take its port before the emulator
+    starts (its command line may need the number) and serve once the console exists.
 
     :ivar port: the port it listens on.
     """
 
-    def __init__(self, name: str, terminal: Terminal, sock: socket.socket) -> None:
-        """Use :meth:`start`."""
+    def __init__(self, name: str, sock: socket.socket) -> None:
+        """Use :meth:`bind`."""
         self.name = name
         self.port: int = sock.getsockname()[1]
-        self._terminal = terminal
+        self._console: ConsoleHub | None = None
         self._sock = sock
         self._server: asyncio.Server | None = None
         # Each client's handler task and its transport.
         self._clients: dict[asyncio.Task[None], asyncio.WriteTransport] = {}
 
     @classmethod
-    async def start(cls, name: str, terminal: Terminal, host: str, port: int) -> TelnetServer:
-        """Listen on ``host:port`` (port 0: the kernel picks a free one, no race).
+    async def bind(cls, name: str, host: str, port: int) -> TelnetServer:
+        """Take ``host:port`` (port 0: the kernel picks a free one, no race); serve later.
 
         :raises OSError: the address cannot be bound (e.g. the port is taken).
         """
@@ -97,17 +102,26 @@ class TelnetServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
+            sock.listen(16)
         except OSError:
             sock.close()
             raise
-        server = cls(name, terminal, sock)
-        server._server = await asyncio.start_server(server._serve, sock=sock)
+        return cls(name, sock)
+
+    @classmethod
+    async def start(cls, name: str, console: ConsoleHub, host: str, port: int) -> TelnetServer:
+        """:meth:`bind`, then :meth:`serve` ``console``.
+
+        :raises OSError: the address cannot be bound (e.g. the port is taken).
+        """
+        server = await cls.bind(name, host, port)
+        await server.serve(console)
         return server
 
-    @property
-    def client_count(self) -> int:
-        """How many clients are connected."""
-        return len(self._clients)
+    async def serve(self, console: ConsoleHub) -> None:
+        """Accept clients and join them to ``console``."""
+        self._console = console
+        self._server = await asyncio.start_server(self._serve, sock=self._sock)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -125,12 +139,14 @@ class TelnetServer:
                 return
             transport.write(chunk.replace(bytes([IAC]), bytes([IAC, IAC])))
 
-        unsubscribe = self._terminal.subscribe(send)
+        console = self._console
+        assert console is not None
+        unsubscribe = console.subscribe(send)
         decoder = TelnetDecoder()
         try:
             transport.write(GREETING)
             while data := await reader.read(4096):
-                self._terminal.write(decoder.feed(data))
+                console.write(decoder.feed(data))
         except (ConnectionError, OSError):
             pass
         finally:
