@@ -130,7 +130,7 @@ def icmp_echoes(frames: list[bytes]) -> tuple[int, int]:
 
 
 async def follow(
-    path: str | os.PathLike[str],
+    path: str | Path,
     active: Callable[[], bool],
     *,
     chunk_size: int = 65536,
@@ -140,7 +140,7 @@ async def follow(
 
     Yields what the file holds, then whatever is appended, looking again every
     ``poll_interval`` seconds, until ``active()`` is false and everything written was yielded.
-    A writer that flushes frame by frame (:class:`PcapWriter`, QEMU's ``filter-dump``) lets a
+    A writer that flushes frame by frame (``PcapWriter``, QEMU's ``filter-dump``) lets a
     reader see each frame at once, so the stream is itself a valid pcap at any point.
 
     :param path: the capture file.

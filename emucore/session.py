@@ -266,8 +266,8 @@ class Session:
     ) -> Tunnel:
         """Connect an adapter to a UDP peer outside the session (see :mod:`emucore.tunnels`).
 
-        ``nio.local_port`` is where the peer sends; allocate it from :attr:`ports` (or it is
-        reserved now); it goes back to the allocator with :meth:`untunnel`.
+        ``nio.local_port`` is where the peer sends; allocate it from the session's ``ports``
+        (or it is reserved now); it goes back to the allocator with :meth:`untunnel`.
 
         :raises NodeError: the adapter does not exist or is connected already.
         :raises PortError: ``nio.local_port`` is taken.

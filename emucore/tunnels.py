@@ -9,7 +9,7 @@ link's filters to one end only, so the impairments must sit in front of that one
     direct:    node ── UDP ──▶ peer              node ◀── local_port ── peer
     relayed:   node ⇄ (host, relay port) │ Relay │ (host, local_port) ⇄ peer
 
-The relay (:class:`~emucore.relay.Relay`, node on side ``a``, peer on side ``b``) appears with
+The relay (``emucore.relay.Relay``, node on side ``a``, peer on side ``b``) appears with
 the first impairment, or with a capture the node's emulator cannot take; the node is then
 relinked to a port of its own and the relay binds ``local_port``, so the peer sees no change.
 Like a link's, a relay stays once inserted; with every filter at 0 it forwards untouched.
