@@ -88,8 +88,13 @@ def missing_image(properties: type[Any], values: Mapping[str, Any], settings: Ho
 
 
 def render(node: Node, project_id: str, console: int | None) -> dict[str, Any]:
-    """The node JSON GNS3's controller expects: identity, status, console and properties."""
-    answer: dict[str, Any] = default_converter().unstructure(node.properties)
+    """The node JSON GNS3's controller expects: identity, status, console and properties.
+
+    Properties left unset (``""``, ``None``) are left out: the controller reads some that it
+    finds as values (a ``mac_address`` of ``""`` breaks its port list).
+    """
+    properties = default_converter().unstructure(node.properties)
+    answer: dict[str, Any] = {k: v for k, v in properties.items() if v not in ("", None)}
     answer.update(
         {
             "name": node.name,
