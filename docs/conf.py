@@ -40,7 +40,8 @@ nitpick_ignore_regex = [
     (
         "py:class",
         r"(?!emucore\.)([\w.]+\.)?(Awaitable|Sequence|Mapping|Iterable|Callable|Iterator|Any"
-        r"|Path|Queue|UUID|TracebackType|T|D|Enum|PluginManager|HookCaller|HookimplMarker)",
+        r"|Path|Queue|UUID|TracebackType|T|D|Enum|PluginManager|HookCaller|HookimplMarker"
+        r"|_SubParsersAction|ArgumentParser|AsyncIterator)",
     ),
     ("py:class", r"emucore\.stash\.(T|D)"),
 ]

@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--settings", type=Path, help="host settings file (TOML or JSON)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(func=cmd_check)
+
+    # Front ends shipped as plugins (emu serve) add their own commands.
+    make_plugin_manager().hook.emu_add_commands(subparsers=sub)
     return parser
 
 

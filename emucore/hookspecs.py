@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+
     from emucore.models import HostSettings, Nio
     from emucore.node import Node
     from emucore.records import ArgFragment, CheckResult, EmulatorInfo
@@ -329,4 +331,21 @@ def emu_close(node: Node) -> Awaitable[None] | None:
     :return: nothing.
 
     Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add subcommands to the ``emu`` command (a front end such as ``emu serve``).
+
+    Called once while ``emu`` builds its argument parser. Add a parser with
+    ``subparsers.add_parser(NAME, help=...)`` and give it ``set_defaults(func=FUNCTION)``;
+    ``emu`` calls ``FUNCTION(args)`` with the parsed arguments and exits with the integer it
+    returns. Import heavy modules inside ``FUNCTION``, not at load time: every ``emu`` command
+    builds the parser. Names must not clash with the built-in commands or other plugins'.
+
+    :param subparsers: the ``emu`` parser's subparsers (``argparse``).
+    :return: nothing.
+
+    Results are collected (and ignored). Sync.
     """

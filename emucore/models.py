@@ -103,6 +103,8 @@ class LinkFilters:
     :ivar direction: which frames suffer: ``both`` directions (default; a ping then loses
         ``1 - (1 - loss)²`` and its RTT grows by twice the delay), or only ``a_to_b`` or
         ``b_to_a`` (like netem on one interface).
+    :ivar drop_every: drop one frame in every ``drop_every`` of each direction, counted
+        (0 = off; GNS3's ``frequency_drop``).
     """
 
     loss: float = attrs.field(default=0.0, validator=in_range(0, 100))
@@ -111,11 +113,13 @@ class LinkFilters:
     corruption: float = attrs.field(default=0.0, validator=in_range(0, 100))
     rate: int = attrs.field(default=0, validator=in_range(0, 100_000_000))
     direction: str = attrs.field(default="both", validator=one_of(("both", "a_to_b", "b_to_a")))
+    drop_every: int = attrs.field(default=0, validator=in_range(0, 1_000_000))
 
     @property
     def active(self) -> bool:
         """Whether any impairment is set."""
-        return any((self.loss, self.delay, self.jitter, self.corruption, self.rate))
+        impairments = (self.loss, self.delay, self.jitter, self.corruption, self.rate)
+        return any((*impairments, self.drop_every))
 
 
 @attrs.frozen

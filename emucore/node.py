@@ -244,6 +244,35 @@ class Node:
             finally:
                 self.closed = True
 
+    async def reconfigure(self, config: NodeConfig, adapter_count: int) -> None:
+        """Replace the description of a stopped node (validated by the host, e.g. with
+        :meth:`Session.update_node <emucore.session.Session.update_node>`).
+
+        Adapters that remain keep their NIOs; new ones start unconnected.
+
+        :param config: the new description; its ``id`` and ``emulator`` must not change.
+        :param adapter_count: the adapter count of the new properties.
+        :raises NodeStateError: the node is not stopped, or was closed.
+        :raises NodeError: an adapter that would disappear is connected.
+        """
+        async with self._lock:
+            self._refuse_if_closed("change the node")
+            self._require(NodeStatus.STOPPED, "change the node")
+            if config.id != self.config.id or config.emulator != self.emulator:
+                raise NodeError(self.name, "the node id and the emulator cannot change")
+            connected = [a.number for a in self.adapters[adapter_count:] if a.nio is not None]
+            if connected:
+                raise NodeError(
+                    self.name,
+                    f"adapter {connected[0]} is connected; disconnect it before lowering the"
+                    f" adapter count to {adapter_count}",
+                )
+            self.config = config
+            self.adapters = tuple(
+                self.adapters[n] if n < len(self.adapters) else Adapter(n, config.nios.get(n))
+                for n in range(adapter_count)
+            )
+
     # -- network ---------------------------------------------------------------------------
 
     async def attach_nio(self, adapter: int, nio: Nio) -> None:

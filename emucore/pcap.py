@@ -1,4 +1,5 @@
-"""A minimal pcap writer: Ethernet frames with microsecond timestamps, readable while written.
+"""A minimal pcap writer (Ethernet frames, microsecond timestamps) and a reader that follows a
+capture while it is written.
 
 The classic libpcap format (not pcapng), which Wireshark, tcpdump and dpkt all read::
 
@@ -8,8 +9,10 @@ The classic libpcap format (not pcapng), which Wireshark, tcpdump and dpkt all r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -124,3 +127,35 @@ def icmp_echoes(frames: list[bytes]) -> tuple[int, int]:
             requests += kind == 8
             replies += kind == 0
     return requests, replies
+
+
+async def follow(
+    path: str | Path,
+    active: Callable[[], bool],
+    *,
+    chunk_size: int = 65536,
+    poll_interval: float = 0.1,
+) -> AsyncIterator[bytes]:
+    """The bytes of a capture file as they are written, like ``tail -f``.
+
+    Yields what the file holds, then whatever is appended, looking again every
+    ``poll_interval`` seconds, until ``active()`` is false and everything written was yielded.
+    A writer that flushes frame by frame (``PcapWriter``, QEMU's ``filter-dump``) lets a
+    reader see each frame at once, so the stream is itself a valid pcap at any point.
+
+    :param path: the capture file.
+    :param active: whether the capture still runs.
+    :param chunk_size: the most bytes yielded at once.
+    :param poll_interval: seconds between looks at a file that did not grow.
+    :raises OSError: the file cannot be opened.
+    """
+    with open(path, "rb") as capture:  # noqa: ASYNC230 - local file, short reads
+        while True:
+            running = active()  # read before the file: nothing written before the stop is missed
+            data = capture.read(chunk_size)
+            if data:
+                yield data
+                continue
+            if not running:
+                return
+            await asyncio.sleep(poll_interval)

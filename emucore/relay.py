@@ -8,10 +8,11 @@ side, so node B sees A's frames come from ``port_b``, the remote of B's NIO::
     node A ◀── (host, port_a) ◀┘  relay  └▶ (host, port_b) ◀── node B
 
 Each direction is impaired on its own, with the same :class:`~emucore.models.LinkFilters`:
-loss, then corruption, then the rate limit (a token bucket in front of a ~100 ms tail-drop
-queue), then delay ± jitter (jitter reorders frames, as netem does). Held frames wait in a
-heap served by one ``loop.call_at`` timer per direction; nothing ever sleeps. With every
-filter at 0 a frame goes from ``recvfrom`` straight to ``sendto``: no timer, no random draw.
+the counted drop (one frame in N), loss, then corruption, then the rate limit (a token bucket
+in front of a ~100 ms tail-drop queue), then delay ± jitter (jitter reorders frames, as netem
+does). Held frames wait in a heap served by one ``loop.call_at`` timer per direction;
+nothing ever sleeps. With every filter at 0 a frame goes from ``recvfrom`` straight to
+``sendto``: no timer, no random draw.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class DirectionStats:
 
     :ivar received: frames received from the sending side's peer.
     :ivar forwarded: frames sent to the receiving side's peer.
-    :ivar dropped_loss: frames dropped by the loss impairment.
+    :ivar dropped_loss: frames dropped by the loss impairment or the counted drop
+        (``drop_every``).
     :ivar dropped_queue: frames dropped because the relay's queue was full or would have held
         them too long (rate limit), or the kernel's send buffer was full.
     :ivar corrupted: frames with one bit flipped past the Ethernet header.
@@ -139,7 +141,9 @@ class _Direction:
         "bytes",
         "corrupted",
         "corruption",
+        "counted",
         "delay",
+        "drop_every",
         "dropped_loss",
         "dropped_queue",
         "dst",
@@ -178,6 +182,8 @@ class _Direction:
 
     def set_filters(self, filters: LinkFilters) -> None:
         self.impaired = filters.active
+        self.drop_every = filters.drop_every
+        self.counted = 0
         self.loss = filters.loss / 100
         self.corruption = filters.corruption / 100
         self.delay = filters.delay / 1000
@@ -254,6 +260,12 @@ class _Direction:
 
     def impair(self, frame: bytes) -> None:
         rng = self.rng
+        if self.drop_every:
+            self.counted += 1
+            if self.counted >= self.drop_every:
+                self.counted = 0
+                self.dropped_loss += 1
+                return
         if self.loss and rng.random() < self.loss:
             self.dropped_loss += 1
             return
@@ -491,6 +503,13 @@ class Relay:
                 f"{self.name}: cannot write capture file {os.fspath(path)!r}: {error.strerror}"
             ) from error
         log.debug("%s: capturing side %s to %s", self.name, side, end.capture.path)
+
+    def capturing(self, side: Side) -> bool:
+        """Whether a capture of ``side`` runs.
+
+        :param side: ``"a"`` or ``"b"``.
+        """
+        return self._side(side).capture is not None
 
     async def stop_capture(self, *, side: Side) -> None:
         """Stop the capture of ``side`` (no-op if none runs); the file stays.

@@ -19,16 +19,17 @@ from typing import Any
 
 import pluggy
 
-from emucore.convert import structure
+from emucore.convert import default_converter, structure
 from emucore.errors import ConfigError, EmuError, PluginError
 from emucore.events import EventBus
 from emucore.hooks import NodeHooks
 from emucore.links import Endpoint, Link
-from emucore.models import HostSettings, LinkFilters, Nio, NodeConfig, Project
+from emucore.models import HostSettings, LinkFilters, Nio, NodeConfig, Project, UdpNio
 from emucore.node import Node
 from emucore.plugins import emulators, make_plugin_manager
 from emucore.ports import PortAllocator
 from emucore.records import EmulatorInfo
+from emucore.tunnels import Tunnel
 
 _NIOS: Any = Mapping[int, Nio]
 
@@ -47,6 +48,7 @@ class Session:
     :ivar ports: UDP port allocator for tunnels.
     :ivar nodes: the nodes by name.
     :ivar links: the links made with :meth:`link`.
+    :ivar tunnels: the tunnels made with :meth:`tunnel`.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class Session:
         self.ports = PortAllocator(self.settings.udp_host, self.settings.udp_ports)
         self.nodes: dict[str, Node] = {}
         self.links: list[Link] = []
+        self.tunnels: list[Tunnel] = []
         self._emulators: dict[str, EmulatorInfo] | None = None
         self._emulator_settings: dict[str, Any] = {}
 
@@ -190,6 +193,38 @@ class Session:
         except KeyError:
             raise EmuError(f"no node named {name!r} in this project") from None
 
+    async def update_node(self, name: str, changes: Mapping[str, Any], *, where: str = "") -> Node:
+        """Change properties (or the name) of a stopped node; the others keep their values.
+
+        The node's current properties, overlaid with ``changes``, are validated like a new
+        description (every bad field reported at once), then the emulator's plugins check the
+        node again (``emu_node_created``); on any failure the node stays as it was.
+
+        :param name: the node's current name.
+        :param changes: properties to change, and ``name`` to rename it.
+        :param where: where the changes came from, for error messages.
+        :raises ConfigError: the result is invalid, or the new name is taken.
+        :raises NodeStateError: the node is not stopped.
+        """
+        node = self.node(name)
+        current = default_converter().unstructure(node.properties)
+        description = {**current, **changes, "node_id": str(node.config.id)}
+        description.setdefault("name", node.name)
+        config = self.node_config(description, emulator=node.emulator, where=where)
+        if config.name != name and config.name in self.nodes:
+            raise ConfigError(where or f"node {name!r}", ["$.name: a node with this name exists"])
+        previous = node.config
+        await node.reconfigure(config, config.properties.adapter_count)
+        try:
+            node.hooks.node_created(node)
+        except BaseException:
+            await node.reconfigure(previous, previous.properties.adapter_count)
+            node.hooks.node_created(node)
+            raise
+        del self.nodes[name]
+        self.nodes[config.name] = node
+        return node
+
     async def remove_node(self, name: str) -> None:
         """Stop and close a node and forget it."""
         node = self.node(name)
@@ -226,6 +261,27 @@ class Session:
         self.links.remove(link)
         await link.disconnect()
 
+    async def tunnel(
+        self, node: str | Node, adapter: int, nio: UdpNio, filters: LinkFilters | None = None
+    ) -> Tunnel:
+        """Connect an adapter to a UDP peer outside the session (see :mod:`emucore.tunnels`).
+
+        ``nio.local_port`` is where the peer sends; allocate it from the session's ``ports``
+        (or it is reserved now); it goes back to the allocator with :meth:`untunnel`.
+
+        :raises NodeError: the adapter does not exist or is connected already.
+        :raises PortError: ``nio.local_port`` is taken.
+        """
+        tunnel = Tunnel(Endpoint(self._as_node(node), adapter), nio, self.ports)
+        await tunnel.connect(filters)
+        self.tunnels.append(tunnel)
+        return tunnel
+
+    async def untunnel(self, tunnel: Tunnel) -> None:
+        """Disconnect a tunnel and give its ports back."""
+        self.tunnels.remove(tunnel)
+        await tunnel.disconnect()
+
     def _as_node(self, node: str | Node) -> Node:
         return node if isinstance(node, Node) else self.node(node)
 
@@ -238,6 +294,10 @@ class Session:
             self.links.remove(link)
             with contextlib.suppress(EmuError):
                 await link.disconnect()
+        for tunnel in list(self.tunnels):
+            self.tunnels.remove(tunnel)
+            with contextlib.suppress(EmuError):
+                await tunnel.disconnect()
         self.ports.release_all()
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:

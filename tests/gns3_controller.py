@@ -1,0 +1,224 @@
+"""A real, unmodified GNS3 3.0.6 controller and an ``emu serve`` compute for the tests.
+
+The controller is the ``gns3server`` that ``scripts/setup`` installs in ``.venv-gns3`` (its
+pins clash with ours), run with an INI file, a temporary HOME and every path in a temporary
+directory. Tests talk to it only through its own REST API, with its JWT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+ROOT = Path(__file__).resolve().parent.parent
+GNS3SERVER = ROOT / ".venv-gns3" / "bin" / "gns3server"
+START_TIMEOUT = 90.0
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class ApiError(Exception):
+    """A non-2xx answer: the status and the decoded body."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+def request(
+    url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None
+) -> Any:
+    """One JSON request; raises :class:`ApiError` for an error status."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=300) as answer:
+            raw = answer.read()
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        try:
+            decoded = json.loads(raw)
+        except ValueError:
+            decoded = raw.decode(errors="replace")
+        raise ApiError(error.code, decoded) from None
+    return json.loads(raw) if raw.strip() else None
+
+
+@attrs.define
+class Controller:
+    """A running controller.
+
+    :ivar url: ``http://127.0.0.1:PORT/v3``.
+    :ivar token: the admin's JWT.
+    :ivar root: its temporary directory (images in ``images/QEMU``).
+    :ivar process: the gns3server process.
+    """
+
+    url: str
+    root: Path
+    process: subprocess.Popen[bytes]
+    compute_user: str
+    compute_password: str
+    token: str = ""
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        """Call the controller's REST API as its admin."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        return request(self.url + path, method, body, headers)
+
+    @property
+    def images(self) -> Path:
+        """The controller's QEMU image directory (what it uploads from)."""
+        return self.root / "images" / "QEMU"
+
+    def log(self) -> str:
+        """The controller's log."""
+        path = self.root / "gns3server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _wait_until_listening(url: str, process: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited ({process.returncode}): {log.read_text()[-3000:]}")
+        try:
+            request(url)
+            return
+        except ApiError:
+            return  # it answers (401 is an answer)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.2)  # polling a port that does not listen yet: no event to wait for
+    raise RuntimeError(f"{what} did not listen within {START_TIMEOUT} s: {log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 30.0) -> int:
+    """SIGTERM, wait, then SIGKILL: the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    return process.returncode
+
+
+@contextlib.contextmanager
+def gns3_controller(root: Path) -> Iterator[Controller]:
+    """Start a controller in ``root``; stopped when the block ends."""
+    home = root / "home"
+    for sub in ("home", "images/QEMU", "projects", "appliances", "symbols", "configs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    user, password = "emu-compute", secrets.token_hex(12)
+    config = root / "gns3_server.conf"
+    config.write_text(
+        "[Server]\nhost = 127.0.0.1\n"
+        f"port = {port}\n"
+        f"images_path = {root / 'images'}\nprojects_path = {root / 'projects'}\n"
+        f"appliances_path = {root / 'appliances'}\nsymbols_path = {root / 'symbols'}\n"
+        f"configs_path = {root / 'configs'}\n"
+        "report_errors = False\ninstall_builtin_appliances = False\n"
+        "enable_builtin_templates = False\n"
+        f"compute_username = {user}\ncompute_password = {password}\n"
+        "[Controller]\ndefault_admin_username = admin\ndefault_admin_password = admin-pw\n"
+    )
+    log = root / "gns3server.log"
+    env = {**os.environ, "HOME": str(home)}
+    argv = [str(GNS3SERVER), "--config", str(config), "--logfile", str(log)]
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    controller = Controller(f"http://127.0.0.1:{port}/v3", root, process, user, password)
+    try:
+        _wait_until_listening(controller.url + "/version", process, "the controller", log)
+        login = {"username": "admin", "password": "admin-pw"}
+        controller.token = request(controller.url + "/access/users/authenticate", "POST", login)[
+            "access_token"
+        ]
+        yield controller
+    finally:
+        stop(process)
+
+
+@attrs.define
+class EmuCompute:
+    """A running ``emu serve``.
+
+    :ivar port: its TCP port.
+    :ivar images: its image directory.
+    :ivar projects: its projects directory (remove it with :meth:`remove_projects`).
+    """
+
+    port: int
+    images: Path
+    projects: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    user: str
+    password: str
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT/v3/compute``."""
+        return f"http://127.0.0.1:{self.port}/v3/compute"
+
+    def api(self, method: str, path: str, body: Any = None, password: str | None = None) -> Any:
+        """Call the compute directly (HTTP Basic)."""
+        secret = f"{self.user}:{password if password is not None else self.password}"
+        headers = {"Authorization": "Basic " + b64encode(secret.encode()).decode()}
+        return request(self.url + path, method, body, headers)
+
+    def log(self) -> str:
+        """What ``emu serve`` printed."""
+        return self.log_path.read_text(errors="replace")
+
+    def remove_projects(self) -> None:
+        """Delete the projects directory."""
+        shutil.rmtree(self.projects, ignore_errors=True)
+
+
+def start_emu_compute(root: Path, user: str, password: str) -> EmuCompute:
+    """Start ``emu serve`` on a free port with its own image and projects directories."""
+    images = root / "emu-images"
+    # Outside pytest's directories: process scans skip command lines that mention "pytest".
+    projects = Path(tempfile.mkdtemp(prefix="emu-gns3-projects-"))
+    images.mkdir(parents=True, exist_ok=True)
+    password_file = root / "emu-password"
+    password_file.write_text(password + "\n")
+    port = free_port()
+    log_path = root / "emu-serve.log"
+    argv = [sys.executable, "-m", "emucore.cli", "-v", "serve", "--port", str(port)]
+    argv += ["--user", user, "--password-file", str(password_file)]
+    argv += ["--image-dir", str(images), "--projects-dir", str(projects)]
+    env = {**os.environ, "EMU_QEMU_KVM": "off"}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    compute = EmuCompute(port, images, projects, process, log_path, user, password)
+    _wait_until_listening(compute.url + "/version", process, "emu serve", log_path)
+    return compute
