@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -206,9 +205,9 @@ class EmuCompute:
 def start_emu_compute(root: Path, user: str, password: str) -> EmuCompute:
     """Start ``emu serve`` on a free port with its own image and projects directories."""
     images = root / "emu-images"
-    # Outside pytest's directories: process scans skip command lines that mention "pytest".
-    projects = Path(tempfile.mkdtemp(prefix="emu-gns3-projects-"))
+    projects = root / "emu-projects"
     images.mkdir(parents=True, exist_ok=True)
+    projects.mkdir(parents=True, exist_ok=True)
     password_file = root / "emu-password"
     password_file.write_text(password + "\n")
     port = free_port()

@@ -47,6 +47,21 @@ def processes_mentioning(text: str) -> dict[int, str]:
     return found
 
 
+EMULATOR_PROGRAMS = ("qemu-system", "vpcs", "confine.py", "cpulimit", "swtpm")
+
+
+def emulators_mentioning(text: str) -> dict[int, str]:
+    """Like :func:`processes_mentioning`, but only emulators and their helpers (QEMU, VPCS
+    and its launcher, cpulimit, swtpm): a host process (``emu run``, ``emu serve``) naming
+    the same directory on its command line is not a leftover."""
+    found = {}
+    for pid, cmdline in processes_mentioning(text).items():
+        programs = [os.path.basename(word) for word in cmdline.split(" ")[:4]]
+        if any(word.startswith(EMULATOR_PROGRAMS) for word in programs):
+            found[pid] = cmdline
+    return found
+
+
 def _is_pytest(argv: list[str]) -> bool:
     """``pytest ...``, ``python .../pytest ...``, ``python -m pytest ...`` or ``-mpytest``."""
     program = [os.path.basename(word) for word in argv[:3]]

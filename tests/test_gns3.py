@@ -39,7 +39,7 @@ from tests.gns3_controller import (
     start_emu_compute,
     stop,
 )
-from tests.helpers import processes_mentioning
+from tests.helpers import emulators_mentioning
 
 pytestmark = [
     pytest.mark.skipif(not GNS3SERVER.exists(), reason="run ./scripts/setup: no .venv-gns3"),
@@ -79,7 +79,7 @@ def gns3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Controller,
             yield controller, compute, compute_id
         finally:
             stop(compute.process)
-            left = processes_mentioning(str(compute.projects))
+            left = emulators_mentioning(str(compute.projects))
             compute.remove_projects()
             assert left == {}, compute.log()
 
@@ -276,11 +276,11 @@ def test_a_lab_runs_through_the_controller(
     for node in (a, b, pc):
         wait_status(controller, project, node, "stopped")
     controller.api("POST", f"/projects/{project}/close")
-    assert processes_mentioning(str(compute.projects / project)) == {}
+    assert emulators_mentioning(str(compute.projects / project)) == {}
     # Deleting reopens it first: the controller replays every node's JSON to the compute.
     controller.api("DELETE", f"/projects/{project}")
     assert not (compute.projects / project).exists()
-    assert processes_mentioning(str(compute.projects)) == {}
+    assert emulators_mentioning(str(compute.projects)) == {}
 
 
 async def _check_websocket_console(controller: Controller, project: str, node: str) -> None:
@@ -336,9 +336,9 @@ def test_sigterm_stops_every_node(gns3: tuple[Controller, EmuCompute, str]) -> N
     node = controller.api("POST", f"/projects/{project}/nodes", body)["node_id"]
     controller.api("POST", f"/projects/{project}/nodes/{node}/start", {})
     wait_status(controller, project, node, "started")
-    assert processes_mentioning(str(compute.projects / project)) != {}
+    assert emulators_mentioning(str(compute.projects / project)) != {}
     assert stop(compute.process) == 0
-    assert processes_mentioning(str(compute.projects)) == {}
+    assert emulators_mentioning(str(compute.projects)) == {}
     assert "stopping every node" in compute.log()
 
 
@@ -350,13 +350,13 @@ def test_a_sigkilled_compute_leaves_no_emulator(tmp_path: Path) -> None:
         node = str(uuid.uuid4())
         compute.api("POST", f"/projects/{project}/vpcs/nodes", {"name": "pc", "node_id": node})
         compute.api("POST", f"/projects/{project}/vpcs/nodes/{node}/start")
-        assert processes_mentioning(str(compute.projects)) != {}
+        assert emulators_mentioning(str(compute.projects)) != {}
     finally:
         compute.process.send_signal(signal.SIGKILL)
         compute.process.wait(10)
     deadline = time.monotonic() + 10
-    while processes_mentioning(str(compute.projects)) and time.monotonic() < deadline:
+    while emulators_mentioning(str(compute.projects)) and time.monotonic() < deadline:
         time.sleep(0.1)  # the kernel delivers the death signal; VPCS then exits
-    left = processes_mentioning(str(compute.projects))
+    left = emulators_mentioning(str(compute.projects))
     compute.remove_projects()
     assert left == {}
