@@ -27,6 +27,7 @@ from emu_gns3.bodies import CaptureStart, UdpNioBody
 from emu_gns3.console import SharedConsole
 from emu_gns3.errors import Conflict, NotFound
 from emu_gns3.notifications import Notifier
+from emucore.claims import Claims
 from emucore.convert import default_converter, structure
 from emucore.errors import ConfigError
 from emucore.models import HostSettings, Nio, NodeEvent, NodeStatus, Project, UdpNio
@@ -83,7 +84,9 @@ class ComputeProject:
     def __init__(self, compute: Compute, project: Project) -> None:
         self.compute = compute
         self.id = str(project.id)
-        self.session = Session(project, settings=compute.settings, plugins=compute.plugins)
+        self.session = Session(
+            project, settings=compute.settings, plugins=compute.plugins, claims=compute.claims
+        )
         self.nodes: dict[str, NodeEntry] = {}
         self.tunnels: dict[tuple[str, int], Tunnel] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -388,6 +391,8 @@ class Compute:
     :ivar plugins: one plugin manager for every session.
     :ivar projects_dir: where project directories are made.
     :ivar notifier: the notification stream.
+    :ivar claims: shared by every project's session: a fixed console port or an image used
+        without linked clones belongs to one node of this host at a time.
     """
 
     def __init__(
@@ -396,6 +401,7 @@ class Compute:
         self.settings = settings
         self.plugins = plugins
         self.projects_dir = projects_dir
+        self.claims = Claims()
         self.notifier = Notifier()
         self.projects: dict[str, ComputeProject] = {}
         self.emulators = emulators(plugins)

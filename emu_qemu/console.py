@@ -28,6 +28,7 @@ from emu_qemu import positions
 from emu_qemu.qemuopts import opts
 from emu_qemu.qmp import monitor_of
 from emucore import hookimpl
+from emucore.claims import claim_tcp_port
 from emucore.consoles import SocketConsole
 from emucore.errors import NodeError
 from emucore.models import ConsoleInfo, NodeStatus
@@ -132,6 +133,13 @@ async def _open_host_console(node: Node) -> HostConsole:
         await telnet.close()
         raise
     return HostConsole(listener, server, hub, telnet)
+
+
+@hookimpl(trylast=True)
+def emu_node_created(node: Node) -> None:
+    """A fixed console port belongs to one node at a time."""
+    if node.properties.console and node.properties.console_type != "none":
+        claim_tcp_port(node, node.properties.console, "console")
 
 
 @hookimpl(trylast=True)

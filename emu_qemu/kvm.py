@@ -235,7 +235,7 @@ async def emu_prepare(node: Node) -> None:
     accel = await choose_accel(binary_of(node), node.emulator_settings, node.name)
     node.stash[ACCEL] = accel
     if accel.name == "tcg" and kvm_mode(node.emulator_settings) == "auto":
-        node.emit("warning", accel.reason)
+        node.emit("warning", accel.reason, host_wide=True)
 
 
 @hookimpl(trylast=True)

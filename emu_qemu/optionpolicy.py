@@ -229,5 +229,9 @@ def unsafe_options(argv: Sequence[str]) -> list[str]:
         if value is None:
             problems.append(f"{option} (needs a value)")
             continue
+        if value.startswith("-"):
+            # QEMU would take it as the value; a reader (or a check) would take an option.
+            problems.append(f"{option} {value[:40]!r} (a value may not start with '-')")
+            continue
         problems += checker(option, value)
     return problems

@@ -37,6 +37,8 @@ EMULATOR = "qemu"
 
 LOG_NAME = "qemu.log"
 PIDFILE_NAME = "qemu.pid"
+# The log's first line; left out of the tails shown in errors (it can be 40 KB long).
+COMMAND_LINE = "emu: command line: "
 
 
 @attrs.define
@@ -92,7 +94,7 @@ async def emu_start(node: Node, argv: Sequence[str]) -> None:
     (directory / SOCKET_NAME).unlink(missing_ok=True)
     log_path = directory / LOG_NAME
     with create_file(log_path) as log:
-        log.write(shlex.join(argv) + "\n")
+        log.write(COMMAND_LINE + shlex.join(argv) + "\n")
         log.flush()
         process = await spawn(argv, cwd=directory, output=log)
     write_pidfile(directory / PIDFILE_NAME, process.pid, str(directory))
@@ -138,9 +140,14 @@ _SINK_WARNINGS = re.compile(
 
 
 def qemu_log_tail(log_path: Path, lines: int = 20) -> str:
-    """The end of ``qemu.log`` without the expected warnings about adapter sinks."""
+    """The end of ``qemu.log`` without its command line and the expected warnings about
+    adapter sinks: what QEMU said, not what it was told."""
     text = log_tail(log_path, lines=lines + 4 * 275)
-    kept = [line for line in text.splitlines() if not _SINK_WARNINGS.search(line)]
+    kept = [
+        line
+        for line in text.splitlines()
+        if not line.startswith(COMMAND_LINE) and not _SINK_WARNINGS.search(line)
+    ]
     return "\n".join(kept[-lines:])
 
 

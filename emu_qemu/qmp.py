@@ -22,10 +22,27 @@ from emucore.errors import EmuError, NodeStateError
 from emucore.node import Node
 from emucore.stash import StashKey
 
-log = logging.getLogger("emu.qemu")
+log = logging.getLogger("emu.qemu.qmp")
 
 SOCKET_NAME = "qmp.sock"
 _SUN_PATH_MAX = 107
+
+
+class _ToDebug(logging.Handler):
+    """Hands qemu.qmp's records to ``emu.qemu.qmp`` at debug level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.debug("qemu.qmp: %s", record.getMessage())
+
+
+def quiet_library_log() -> None:
+    """qemu.qmp logs a refused connection as an error, though the first attempts are
+    refused by design (QEMU creates its socket a moment before it listens): its records go
+    to ``emu.qemu.qmp`` at debug level, shown by ``emu -v`` only."""
+    library = logging.getLogger("qemu.qmp")
+    if not any(isinstance(handler, _ToDebug) for handler in library.handlers):
+        library.addHandler(_ToDebug())
+        library.propagate = False
 
 
 class QmpError(EmuError):
@@ -55,6 +72,7 @@ class Monitor:
         :param alive: tells whether QEMU still runs (stop waiting when it died).
         :raises QmpError: timeout, or QEMU gone.
         """
+        quiet_library_log()
         address, dir_fd = _address(socket_path)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

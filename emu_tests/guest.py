@@ -103,11 +103,17 @@ class TinyGuest:
         """
         words = list(BOOT_PARAMETERS)
         settings = {"emu.ip": ip, "emu.gw": gateway, "emu.hostname": hostname}
+        for name in extra_ips:
+            if not _INTERFACE.fullmatch(name):
+                raise ValueError(f"{name!r} is not an interface name (a-z, then a-z0-9, ≤ 15)")
         settings.update({f"emu.ip.{name}": value for name, value in extra_ips.items()})
         for key, value in settings.items():
             if value is not None:
                 words.append(f"{key}={_checked_word(key, value)}")
         return " ".join(words)
+
+
+_INTERFACE = re.compile(r"[a-z][a-z0-9]{0,14}")
 
 
 def _checked_word(key: str, value: str) -> str:

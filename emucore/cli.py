@@ -1,9 +1,10 @@
 """``emu``: the reference host. The work is done elsewhere (runner, session); this module
 parses arguments and prints.
 
-Exit codes: 0 success (for ``emu run``: the lab started and was stopped by Ctrl-C or
-SIGTERM, or every check passed), 1 a node, a check or a host check failed, or the lab is
-already running, 2 bad input (file, field, option), 130 interrupted while starting.
+Exit codes: 0 success (for ``emu run --check`` or ``--exec``: every check passed), 1 a node,
+a check or a host check failed, the lab is already running, or the host failed us (a
+read-only or full disk, a closed pipe), 2 bad input (file, field, option), 130 and 143
+``emu run`` ended by SIGINT (Ctrl-C) or SIGTERM, whatever it was doing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import tomllib
@@ -25,6 +27,7 @@ import attrs
 from emucore.console import attach
 from emucore.convert import structure
 from emucore.errors import ConfigError, EmuError
+from emucore.files import read_text
 from emucore.hooks import call_in_order
 from emucore.lab import CheckSpec, LabSpec, load_lab
 from emucore.models import HostSettings, Project
@@ -35,6 +38,7 @@ from emucore.runner import STATE_NAME, LabLock, LabRunner, project_dir_for
 from emucore.session import Session
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+SIGNAL_EXIT = 128  # a run ended by signal N exits 128 + N, as a shell reports it
 
 
 def read_data(path: Path) -> Any:
@@ -43,9 +47,13 @@ def read_data(path: Path) -> Any:
     :raises ConfigError: unreadable or not parseable, naming the file.
     """
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode()
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            str(path), [f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at {exc.start})"]
+        ) from None
     parsers = {".json": [_json], ".toml": [_toml]}.get(path.suffix, [_json, _toml])
     errors = []
     for parse in parsers:
@@ -157,17 +165,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 async def _run_lab(runner: LabRunner, checks: list[CheckSpec], args: argparse.Namespace) -> int:
+    runner.make_project_dir()
     lock = LabLock(runner.project_dir)
     lock.acquire()
     main = asyncio.current_task()
     assert main is not None
     loop = asyncio.get_running_loop()
     signalled: list[int] = []
+    checking = bool(args.check or checks)
+    doing = ["starting the lab"]
+    stopping = [False]
 
     def on_signal(number: int) -> None:
         if not signalled:  # the first signal stops the lab; later ones wait for that
             signalled.append(number)
+            cancel_until_stopping()
+
+    def cancel_until_stopping() -> None:
+        # Python 3.11's wait_for loses a cancellation that arrives as what it waits for
+        # completes (in a library, at any await): cancel again until the run is stopping.
+        if not stopping[0] and not main.done():
             main.cancel()
+            loop.call_later(0.2, cancel_until_stopping)
 
     for number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(number, on_signal, number)
@@ -182,8 +201,14 @@ async def _run_lab(runner: LabRunner, checks: list[CheckSpec], args: argparse.Na
             progress.finish()
         runner.write_state()
         state = runner.state()
-        if checks:
-            outcomes = await runner.check(checks)
+        if checking:
+            doing[0] = f"running the checks (none of {len(checks)} done)"
+
+            def on_check(index: int, spec: CheckSpec) -> None:
+                doing[0] = f"running the checks ({index} of {len(checks)} done)"
+                progress.note(f"check {index + 1}/{len(checks)}", f"{spec.node}: {spec.command}")
+
+            outcomes = await runner.check(checks, on_check)
             if args.check:
                 outcomes += runner.check_captures()
             state = runner.state()  # again: the captures now hold the checks' traffic
@@ -194,15 +219,23 @@ async def _run_lab(runner: LabRunner, checks: list[CheckSpec], args: argparse.Na
         else:
             print_nodes(state)
             print_checks(state.get("checks", []))
-        if not checks:
+        if not checking:
+            doing[0] = "running the lab"
             if not args.json:
                 print("Running. Ctrl-C stops the lab.", file=sys.stderr, flush=True)
             await asyncio.Event().wait()  # until a signal cancels us
     except asyncio.CancelledError:
-        code = EXIT_OK if runner.started_ok else EXIT_INTERRUPTED
-        if signalled and not runner.started_ok:
-            print("emu: interrupted while starting; stopping everything", file=sys.stderr)
+        stopping[0] = True
+        if not signalled:
+            raise
+        code = SIGNAL_EXIT + signalled[0]
+        name = signal.Signals(signalled[0]).name
+        print(f"emu: {name} while {doing[0]}; stopping the lab", file=sys.stderr, flush=True)
+        if args.json:
+            interrupted = {"signal": name, "while": doing[0], "exit_code": code}
+            print(json.dumps({**runner.state(), "interrupted": interrupted}, indent=1))
     finally:
+        stopping[0] = True
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(runner.stop(clean=args.clean))
         runner.remove_state()
@@ -252,11 +285,21 @@ def cmd_console(args: argparse.Namespace) -> int:
     """Attach the terminal to a node's console in a running lab (Ctrl-] leaves)."""
     lab_file = Path(args.lab_file)
     lab = load_lab(read_data(lab_file), str(lab_file))
-    state_file = (args.project_dir or project_dir_for(lab_file, lab)) / STATE_NAME
+    project_dir = args.project_dir or project_dir_for(lab_file, lab)
+    state_file = project_dir / STATE_NAME
+    holder = LabLock.holder(project_dir)
     try:
-        state = json.loads(state_file.read_text())
+        state = json.loads(read_text(state_file))
     except (OSError, ValueError):
-        print(f"emu: error: lab {lab.name!r} is not running (no {state_file})", file=sys.stderr)
+        state = None
+    if holder is None or not isinstance(state, dict) or state.get("pid") != holder:
+        # A run killed by SIGKILL leaves state.json behind, but not its lock: the ports it
+        # names may belong to anyone by now.
+        left = ""
+        if holder is None and state is not None:
+            state_file.unlink(missing_ok=True)
+            left = f" (the state a dead run left, pid {state.get('pid')}, was removed)"
+        print(f"emu: error: lab {lab.name!r} is not running{left}", file=sys.stderr)
         return EXIT_FAILED
     nodes = {node["name"]: node for node in state["nodes"]}
     node = nodes.get(args.node)
@@ -363,8 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="emu: %(message)s"
     )
+    if args.verbose:  # -v: also what emu and its plugins log at debug level
+        logging.getLogger("emu").setLevel(logging.DEBUG)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
         return code
     except ConfigError as exc:
         print(f"emu: error: {exc}", file=sys.stderr)
@@ -374,6 +420,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader left (emu plugins | head): say so once; nothing more goes to stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("emu: error: standard output: the reader went away (broken pipe)", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"emu: error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def describe_os_error(error: OSError) -> str:
+    """``FILE: cause`` for an error of the host (read-only file system, full disk...)."""
+    cause = error.strerror or str(error)
+    return f"{error.filename}: {cause}" if error.filename else cause
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from typing import IO, Any
 
 from emucore.errors import EmuError
 
-_NOFOLLOW_WRITE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOFOLLOW_CREATE = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOFOLLOW_WRITE = os.O_WRONLY | _NOFOLLOW_CREATE
 _NOFOLLOW_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -97,14 +98,15 @@ def create_file(
     A symbolic link at ``path`` is removed first (its target stays untouched); anything else
     that is not a regular file is refused.
 
-    :param mode: ``"w"`` (text) or ``"wb"`` (binary).
+    :param mode: ``"w"`` (text) or ``"wb"`` (binary); with ``+`` (``"a+"``) also readable.
     :param append: keep what the file holds and write at its end; else truncate it.
     :param buffering: as for the built-in ``open`` (0: unbuffered, binary only).
     :raises UnsafePathError: something other than a regular file or a link is at ``path``.
     :raises OSError: the file cannot be created (read-only directory, full disk...).
     """
     _unlink_if_link(path)
-    flags = _NOFOLLOW_WRITE | (os.O_APPEND if append else os.O_TRUNC)
+    access = os.O_RDWR if "+" in mode else os.O_WRONLY
+    flags = access | _NOFOLLOW_CREATE | (os.O_APPEND if append else os.O_TRUNC)
     refused = f"{path} is {{}}; emu only writes regular files there"
     if path.exists() and not path.is_file():
         raise UnsafePathError(refused.format(describe(path)))
@@ -130,15 +132,25 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     _unlink_if_link(temporary)
     payload = data.encode() if isinstance(data, str) else data
-    fd = os.open(temporary, _NOFOLLOW_WRITE | os.O_TRUNC | os.O_EXCL, 0o600)
     try:
-        with open(fd, "wb", closefd=True) as handle:
-            handle.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
+        fd = os.open(temporary, _NOFOLLOW_WRITE | os.O_TRUNC | os.O_EXCL, 0o600)
+        try:
+            with open(fd, "wb", closefd=True) as handle:
+                handle.write(payload)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise
+    except OSError as exc:
+        raise named(exc, path) from exc
+
+
+def named(error: OSError, path: Path) -> OSError:
+    """``error`` naming ``path`` (a write or flush error does not say which file it hit)."""
+    if error.filename is not None:
+        return error
+    return type(error)(error.errno, error.strerror, str(path))
 
 
 def read_text(path: Path, limit: int = 1 << 20) -> str:

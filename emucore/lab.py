@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import attrs
@@ -47,6 +47,8 @@ from emucore.validators import matches, printable
 TINY = "tiny"
 # Lab-level keys of a tiny-guest node, turned into its kernel command line.
 TINY_KEYS = ("image", "ip", "ips", "gateway")
+# A node's name is also the first half of an endpoint ("node:adapter") and a host name.
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _ENDPOINT = r"[^:\s]+(:\d+)?"
 
 
@@ -65,16 +67,32 @@ class LinkSpec:
         return first, second
 
 
+def _capture_file(_inst: Any, _attr: attrs.Attribute[str], value: str) -> None:
+    printable(1024, allow_empty=True)(_inst, _attr, value)
+    if not value:
+        return
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(
+            f"must be a path inside the lab's directory, relative to the lab file; got {value!r}"
+        )
+    if path.suffix != ".pcap":
+        raise ValueError(f"must name a .pcap file; got {value!r}")
+
+
 @attrs.frozen
 class CaptureSpec:
     """A pcap capture on an endpoint for the whole run.
 
+    :ivar file: a ``.pcap`` file inside the lab's directory, relative to the lab file
+        (default ``captures/<node>-<adapter>.pcap``); an existing file there that is not a
+        capture is never replaced.
     :ivar expect_icmp: with ``emu run --check``, the capture must hold an ICMP echo request
         and reply once the checks ran (a check of its own in the summary).
     """
 
     endpoint: str = attrs.field(validator=matches(_ENDPOINT, "'node:adapter'"))
-    file: str = attrs.field(default="", validator=printable(1024, allow_empty=True))
+    file: str = attrs.field(default="", validator=_capture_file)
     expect_icmp: bool = False
 
 
@@ -124,6 +142,11 @@ def load_lab(data: Any, where: str) -> LabSpec:
     lab = structure(data, LabSpec, where)
     problems: list[str] = []
     for name, table in lab.nodes.items():
+        if not NODE_NAME.fullmatch(name):
+            problems.append(
+                f"$.nodes.{name!r}: a node name must be 1-64 letters, digits, '_', '.' or '-',"
+                " starting with a letter or digit (links name it as 'node:adapter')"
+            )
         if not isinstance(table, Mapping):
             problems.append(f"$.nodes.{name}: must be a table of node properties")
     used: dict[tuple[str, int], str] = {}

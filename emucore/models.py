@@ -221,6 +221,8 @@ class NodeEvent:
     :ivar message: one line for a user.
     :ivar status: the node's status after the event.
     :ivar details: more text, e.g. the tail of the emulator's log for an error.
+    :ivar host_wide: the event is about the host, not this node (KVM unusable, a missing
+        helper): every node may report it, and a host shows it once.
     """
 
     node: str
@@ -228,3 +230,4 @@ class NodeEvent:
     message: str
     status: NodeStatus
     details: str = ""
+    host_wide: bool = False

@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 
+from emucore.claims import Claims
 from emucore.errors import CaptureUnsupportedError, EmuError, NodeError, NodeStateError
 from emucore.events import EventBus
 from emucore.files import private_dir
@@ -54,6 +55,8 @@ class Node:
     :ivar argv: the command line of the last start.
     :ivar stash: per-plugin state (see :mod:`emucore.stash`).
     :ivar ports: the UDP port allocator of the session.
+    :ivar claims: what must be unique among nodes (see :mod:`emucore.claims`); a plugin
+        claims in ``emu_node_created``, the session releases.
     """
 
     def __init__(
@@ -67,12 +70,14 @@ class Node:
         settings: HostSettings,
         emulator_settings: Any = None,
         adapter_count: int = 0,
+        claims: Claims | None = None,
     ) -> None:
         self.config = config
         self.project = project
         self.settings = settings
         self.emulator_settings = emulator_settings
         self.ports = ports
+        self.claims = claims or Claims()
         self.directory = project.directory / "project-files" / config.emulator / str(config.id)
         self.status = NodeStatus.STOPPED
         self.console: ConsoleInfo | None = None
@@ -114,9 +119,14 @@ class Node:
 
     # -- events ----------------------------------------------------------------------------
 
-    def emit(self, kind: str, message: str, details: str = "") -> None:
-        """Publish an ``info``, ``warning`` or ``error`` event about this node."""
-        self._events.publish(NodeEvent(self.name, kind, message, self.status, details))
+    def emit(self, kind: str, message: str, details: str = "", *, host_wide: bool = False) -> None:
+        """Publish an ``info``, ``warning`` or ``error`` event about this node.
+
+        :param host_wide: the message is about the host (every node would say the same, e.g.
+            KVM is unusable): hosts show it once.
+        """
+        event = NodeEvent(self.name, kind, message, self.status, details, host_wide)
+        self._events.publish(event)
 
     def _set_status(self, status: NodeStatus, message: str = "") -> None:
         self.status = status

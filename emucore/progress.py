@@ -20,9 +20,17 @@ class Progress:
         self.rows: dict[str, str] = dict.fromkeys(nodes, "waiting")
         self._drawn = 0
         self._width = max((len(n) for n in nodes), default=4)
+        self._host_wide: set[tuple[str, str]] = set()
+        self._active = True  # the table is drawn until finish()
 
     def on_event(self, event: NodeEvent) -> None:
-        """Record and show one event."""
+        """Record and show one event; a host-wide one only the first time."""
+        if event.host_wide:
+            if (event.kind, event.message) in self._host_wide:
+                return
+            self._host_wide.add((event.kind, event.message))
+            self.note("host", f"{event.kind}: {event.message}")
+            return
         elapsed = time.monotonic() - self.started
         if event.kind == "status":
             self.rows[event.node] = f"{event.status.value} ({elapsed:.1f}s)"
@@ -40,6 +48,14 @@ class Progress:
             if self.live:
                 self._redraw()
 
+    def note(self, subject: str, message: str) -> None:
+        """Show one line about ``subject`` (the host, a check), above a live table."""
+        elapsed = time.monotonic() - self.started
+        self._clear()
+        print(f"[{elapsed:6.1f}s] {subject}: {message}", file=self.stream, flush=True)
+        if self.live and self._active:
+            self._redraw()
+
     def _clear(self) -> None:
         if self.live and self._drawn:
             self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
@@ -55,3 +71,4 @@ class Progress:
     def finish(self) -> None:
         """Leave the last table on screen (a live display) and stop drawing."""
         self._drawn = 0
+        self._active = False

@@ -12,13 +12,22 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import attrs
 
 from emucore.errors import ConfigError, EmuError
+from emucore.files import (
+    UnsafePathError,
+    check_regular,
+    create_file,
+    named,
+    prepare_for_child,
+    private_dir,
+    write_atomic,
+)
 from emucore.lab import TINY, CheckSpec, LabSpec, parse_endpoint, tiny_guest_node
 from emucore.links import Link
 from emucore.models import HostSettings, Project
@@ -64,26 +73,31 @@ class LabLock:
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
-        """Take the lock.
+        """Take the lock (the project directory must exist: see
+        :meth:`LabRunner.make_project_dir`).
 
         :raises LabLockedError: another process holds it (its pid is in the message).
+        :raises OSError: the lock file cannot be written (naming it).
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self.path.open("a+")
+        handle = create_file(self.path, "a+", append=True)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
+            holder = _holder(handle)
             handle.close()
             raise LabLockedError(
                 f"this lab is already running (emu run, pid {holder}); stop it first"
                 f" (Ctrl-C in its terminal, or kill {holder})"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # closing flushes again, and fails again
+                handle.close()
+            raise named(exc, self.path) from exc
         self._file = handle
 
     def release(self) -> None:
@@ -91,6 +105,27 @@ class LabLock:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    @classmethod
+    def holder(cls, directory: Path) -> int | None:
+        """The pid of the live ``emu run`` holding the lab's lock, or ``None`` when nobody
+        holds it (a run that died leaves its files but not its lock)."""
+        try:
+            fd = os.open(directory / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        with open(fd) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(handle)
+                return int(holder) if holder.isdigit() else None
+            return None
+
+
+def _holder(handle: IO[str]) -> str:
+    handle.seek(0)
+    return handle.read(32).strip() or "?"
 
 
 class LabRunner:
@@ -112,6 +147,7 @@ class LabRunner:
     ) -> None:
         self.lab = lab
         self.lab_file = lab_file
+        self._chosen_dir = project_dir
         self.project_dir = project_dir or project_dir_for(lab_file, lab)
         self.jobs = max(1, jobs or os.cpu_count() or 1)
         self._base_settings = settings or HostSettings()
@@ -121,6 +157,17 @@ class LabRunner:
         self.started_ok = False
 
     # -- building ---------------------------------------------------------------------------
+
+    def make_project_dir(self) -> Path:
+        """Create the project directory: ``.emu/<name>`` next to the lab file, checked for
+        planted links from the lab's directory down (or the directory the host chose).
+
+        :raises UnsafePathError: a component is a symbolic link or not a directory.
+        :raises OSError: it cannot be created (read-only file system...), naming it.
+        """
+        if self._chosen_dir is not None:
+            return private_dir(self._chosen_dir)
+        return private_dir(self.lab_file.absolute().parent, ".emu", self.lab.name)
 
     def build(self) -> Session:
         """Validate every node against its emulator and create the session (nothing runs)."""
@@ -207,13 +254,14 @@ class LabRunner:
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise failures[0]
-        for capture in self.lab.captures:
-            await self._start_capture(capture.endpoint, capture.file)
+        for index, capture in enumerate(self.lab.captures):
+            await self._start_capture(index, capture.endpoint, capture.file)
         self.started_ok = True
 
-    async def _start_capture(self, endpoint: str, file: str) -> None:
+    async def _start_capture(self, index: int, endpoint: str, file: str) -> None:
         node_name, adapter = parse_endpoint(endpoint)
         path = self.capture_path(endpoint, file)
+        self._prepare_capture_file(path, f"$.captures[{index}].file")
         for link in self.links:
             for side in SIDES:
                 end = link.end(side)
@@ -224,16 +272,40 @@ class LabRunner:
         await self.session.node(node_name).start_capture(adapter, path)
 
     def capture_path(self, endpoint: str, file: str) -> Path:
-        """Where the capture of ``endpoint`` goes (relative paths are relative to the lab file)."""
+        """Where the capture of ``endpoint`` goes: ``file`` (validated as a relative path
+        inside the lab's directory) or ``captures/<node>-<adapter>.pcap``."""
         node, adapter = parse_endpoint(endpoint)
         relative = Path(file) if file else Path("captures") / f"{node}-{adapter}.pcap"
-        return relative if relative.is_absolute() else self.lab_file.absolute().parent / relative
+        return self.lab_file.absolute().parent / relative
 
-    async def check(self, checks: Sequence[CheckSpec]) -> list[CheckOutcome]:
-        """Run each check on its node's console, in order."""
+    def _prepare_capture_file(self, path: Path, field: str) -> None:
+        """Refuse to replace anything but an earlier capture; never follow a planted link."""
+        lab_dir = self.lab_file.absolute().parent
+        try:
+            private_dir(lab_dir, *path.relative_to(lab_dir).parent.parts)
+            if check_regular(path, f"{self.lab_file}: {field}:") and not _is_capture(path):
+                raise ConfigError(
+                    str(self.lab_file),
+                    [f"{field}: {path} exists and is not a pcap capture; emu never replaces it"],
+                )
+            prepare_for_child(path)
+        except UnsafePathError as exc:
+            raise ConfigError(str(self.lab_file), [f"{field}: {exc}"]) from None
+
+    async def check(
+        self,
+        checks: Sequence[CheckSpec],
+        on_check: Callable[[int, CheckSpec], None] | None = None,
+    ) -> list[CheckOutcome]:
+        """Run each check on its node's console, in order.
+
+        :param on_check: called with the index and the check as each one begins (progress).
+        """
         assert self.session is not None
         outcomes = []
-        for spec in checks:
+        for index, spec in enumerate(checks):
+            if on_check is not None:
+                on_check(index, spec)
             node = self.session.node(spec.node)
             try:
                 output = await self._run_on_console(node, spec)
@@ -336,12 +408,12 @@ class LabRunner:
         return summary
 
     def write_state(self) -> Path:
-        """Write ``state.json`` in the project directory (``emu console`` reads it)."""
+        """Write ``state.json`` in the project directory (``emu console`` reads it).
+
+        :raises OSError: naming the file (read-only directory, full disk).
+        """
         path = self.project_dir / STATE_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.state(), indent=1))
-        temporary.replace(path)
+        write_atomic(path, json.dumps(self.state(), indent=1))
         return path
 
     def remove_state(self) -> None:
@@ -349,12 +421,22 @@ class LabRunner:
         (self.project_dir / STATE_NAME).unlink(missing_ok=True)
 
 
+_INTERFACE = re.compile(r"[a-z][a-z0-9]{0,14}")
+
+
 def _tiny_addresses(table: Mapping[str, Any], path: str) -> list[str]:
     """Check a tiny-guest node's ``ip``, ``ips`` and ``gateway`` on the host (the guest would
-    only complain on its console)."""
+    only complain on its console, and they end up on its kernel command line)."""
     ips = table.get("ips", {})
     if not isinstance(ips, Mapping):
         return [f'{path}.ips: must be a table of interface = "address/prefix"']
+    problems = [
+        f"{path}.ips: {name!r} is not an interface name (a-z, then a-z or 0-9, at most 15)"
+        for name in ips
+        if not isinstance(name, str) or not _INTERFACE.fullmatch(name)
+    ]
+    if problems:
+        return problems
     addresses = {"ip": table.get("ip")} | {f"ips.{name}": value for name, value in ips.items()}
     problems = [
         f"{path}.{key}: must be address/prefix, e.g. 10.0.0.1/24; got {value!r}"
@@ -368,6 +450,22 @@ def _tiny_addresses(table: Mapping[str, Any], path: str) -> list[str]:
         except ValueError:
             problems.append(f"{path}.gateway: must be an IP address; got {gateway!r}")
     return problems
+
+
+_PCAP_MAGICS = (
+    b"\xa1\xb2\xc3\xd4",
+    b"\xd4\xc3\xb2\xa1",
+    b"\xa1\xb2\x3c\x4d",
+    b"\x4d\x3c\xb2\xa1",
+    b"\x0a\x0d\x0d\x0a",  # pcapng
+)
+
+
+def _is_capture(path: Path) -> bool:
+    """Whether ``path`` is empty or starts like a pcap or pcapng file."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    return head == b"" or head in _PCAP_MAGICS
 
 
 def _interfaces(value: object) -> bool:

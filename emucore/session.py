@@ -19,6 +19,7 @@ from typing import Any
 
 import pluggy
 
+from emucore.claims import Claims
 from emucore.convert import default_converter, structure
 from emucore.errors import ConfigError, EmuError, PluginError
 from emucore.events import EventBus
@@ -49,6 +50,8 @@ class Session:
     :ivar nodes: the nodes by name.
     :ivar links: the links made with :meth:`link`.
     :ivar tunnels: the tunnels made with :meth:`tunnel`.
+    :ivar claims: what must be unique among nodes: this session's, or the host's when it
+        passes one shared by all its sessions (:mod:`emucore.claims`).
     """
 
     def __init__(
@@ -57,12 +60,14 @@ class Session:
         *,
         settings: HostSettings | None = None,
         plugins: pluggy.PluginManager | None = None,
+        claims: Claims | None = None,
     ) -> None:
         self.project = project
         self.settings = settings or HostSettings()
         self.plugins = plugins or make_plugin_manager(blocked=self.settings.blocked_plugins)
         self.events = EventBus()
         self.ports = PortAllocator(self.settings.udp_host, self.settings.udp_ports)
+        self.claims = claims or Claims()
         self.nodes: dict[str, Node] = {}
         self.links: list[Link] = []
         self.tunnels: list[Tunnel] = []
@@ -178,10 +183,19 @@ class Session:
             settings=self.settings,
             emulator_settings=self.emulator_settings(config.emulator),
             adapter_count=config.properties.adapter_count,
+            claims=self.claims,
         )
-        node.hooks.node_created(node)
+        self._created(node)
         self.nodes[config.name] = node
         return node
+
+    def _created(self, node: Node) -> None:
+        """``emu_node_created``, with what the node claims released when it is refused."""
+        try:
+            node.hooks.node_created(node)
+        except BaseException:
+            self.claims.release(node)
+            raise
 
     def node(self, name: str) -> Node:
         """The node called ``name``.
@@ -215,11 +229,12 @@ class Session:
             raise ConfigError(where or f"node {name!r}", ["$.name: a node with this name exists"])
         previous = node.config
         await node.reconfigure(config, config.properties.adapter_count)
+        self.claims.release(node)  # claimed again for what the node is now
         try:
-            node.hooks.node_created(node)
+            self._created(node)
         except BaseException:
             await node.reconfigure(previous, previous.properties.adapter_count)
-            node.hooks.node_created(node)
+            self._created(node)
             raise
         del self.nodes[name]
         self.nodes[config.name] = node
@@ -228,7 +243,10 @@ class Session:
     async def remove_node(self, name: str) -> None:
         """Stop and close a node and forget it."""
         node = self.node(name)
-        await node.close()
+        try:
+            await node.close()
+        finally:
+            self.claims.release(node)
         del self.nodes[name]
 
     async def link(
@@ -290,6 +308,8 @@ class Session:
         results = await asyncio.gather(
             *(node.close() for node in self.nodes.values()), return_exceptions=True
         )
+        for node in self.nodes.values():
+            self.claims.release(node)
         for link in list(self.links):
             self.links.remove(link)
             with contextlib.suppress(EmuError):

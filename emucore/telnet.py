@@ -51,7 +51,8 @@ class TelnetConsole:
         :raises ConsoleError: the connection failed within ``timeout`` seconds.
         """
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see expect()
+                reader, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
             raise ConsoleError(
                 f"{name or host}: cannot connect to console {host}:{port}: {exc}"
@@ -89,7 +90,10 @@ class TelnetConsole:
                     f" last output: {tail!r}"
                 )
             try:
-                chunk = await asyncio.wait_for(self._reader.read(4096), left)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation
+                # (Ctrl-C) that arrives as the read completes, and the wait goes on.
+                async with asyncio.timeout(left):
+                    chunk = await self._reader.read(4096)
             except TimeoutError:
                 continue
             if not chunk:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
+import time
 from pathlib import Path
+from typing import IO
 
 import dpkt
 
@@ -70,3 +74,35 @@ def _is_pytest(argv: list[str]) -> bool:
     if not program[0].startswith("python") or len(program) < 2:
         return False
     return program[1].startswith(("pytest", "-mpytest")) or program[1:3] == ["-m", "pytest"]
+
+
+def wait_for_line(stream: IO[str], needle: str, timeout: float) -> str:
+    """Read lines from a process pipe until one contains ``needle``; what follows stays in
+    the stream.
+
+    A thread reads, not ``select``: select on a buffered text stream blocks while the lines
+    already buffered wait (it saw a check start only when the lab stopped, 60 s later).
+    """
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in iter(stream.readline, ""):
+            lines.put(line)
+            if needle in line:
+                return
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    seen = []
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} not seen in {timeout:g} s; got {seen!r}")

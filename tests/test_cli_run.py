@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import processes_mentioning
+from tests.helpers import processes_mentioning, wait_for_line
 
 EMU = [sys.executable, "-m", "emucore.cli"]
 ENV = {**os.environ, "EMU_QEMU_KVM": "off"}
@@ -174,23 +174,6 @@ def test_bad_adapters_and_addresses_are_bad_input(tmp_path: Path) -> None:
     assert "$.links[0].endpoints: b:3 does not exist (b has 1 adapters)" in done.stderr
 
 
-def wait_for_line(stream: object, needle: str, timeout: float) -> str:
-    """Read lines from a process pipe until one contains ``needle``."""
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = stream.readline()  # type: ignore[attr-defined]
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return line
-    raise AssertionError(f"{needle!r} not seen; got {seen!r}")
-
-
 @pytest.fixture
 def running_lab(lab_file: Path) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
@@ -214,7 +197,8 @@ def test_sigterm_during_start_leaves_nothing_behind(
 ) -> None:
     wait_for_line(running_lab.stderr, "starting", timeout=120)
     running_lab.send_signal(signal.SIGTERM)
-    assert running_lab.wait(60) == 130
+    assert running_lab.wait(60) == 143
+    assert "emu: SIGTERM while starting the lab; stopping the lab" in running_lab.stderr.read()
     assert processes_mentioning(str(lab_file.parent / ".emu")) == {}
 
 
@@ -248,7 +232,8 @@ def test_a_running_lab_is_locked_has_consoles_and_stops_on_sigterm(
         os.close(terminal)
 
     running_lab.send_signal(signal.SIGTERM)
-    assert running_lab.wait(60) == 0
+    assert running_lab.wait(60) == 143  # stopped by a signal, as a shell would report it
+    assert "emu: SIGTERM while running the lab; stopping the lab" in running_lab.stderr.read()
     assert processes_mentioning(str(lab_file.parent / ".emu")) == {}
     assert not (lab_file.parent / ".emu" / "trial" / "state.json").exists()
 

@@ -72,7 +72,9 @@ def qemu_settings(kernel: Path, mode: str) -> dict[str, Any]:
 
 def node_events(lab: QemuLab, mode: str, kernel: Path, **description: Any) -> Any:
     """A node under ``mode``, the events it published, and its dry run (or its error)."""
-    session = lab.session(emulators={"qemu": qemu_settings(kernel, mode)})
+    # The fake QEMUs live in the lab's bin directory: the host trusts it for binaries.
+    trusted = {"binary_dirs": [str(lab.root / "bin")]}
+    session = lab.session(emulators={"qemu": qemu_settings(kernel, mode) | trusted})
     events: list[NodeEvent] = []
     session.events.subscribe(events.append)
     node = lab.node(session, **description)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from emu_qemu.process import PROCESS, qemu_pid
+from emu_qemu.process import COMMAND_LINE, PROCESS, qemu_pid
 from emu_qemu.qmp import monitor_of
 from emu_qemu.throttle import CPULIMIT
 from emu_tests.guest import PROMPT, READY_MARKER, TinyGuest
@@ -198,7 +198,8 @@ def test_priority_throttling_and_private_sockets(emu_run: Any, qemu_node: NodeFa
         assert node.console is not None
         assert node.console.host == "127.0.0.1"
         log = (node.directory / "qemu.log").read_text()
-        assert log.splitlines()[0].startswith(node.argv[0])  # the log starts with the command
+        first = log.splitlines()[0]  # the log starts with the command line
+        assert first.startswith(COMMAND_LINE + node.argv[0])
         await node.stop()
         assert cpulimit.returncode is not None  # cpulimit stopped with the node
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from emu_vpcs.process import PROCESS
 
-from emucore.errors import EmuError, ImageError
+from emucore.errors import EmuError, EmulatorExitedError, ImageError
 from emucore.files import UnsafePathError
 from emucore.node import Node
 from emucore.telnet import TelnetConsole
@@ -260,3 +260,16 @@ def test_a_qemu_console_serves_a_second_client(
             await second.close()
 
     emu_run(body())
+
+
+def test_an_error_says_what_qemu_said_not_its_command_line(qemu_lab: QemuLab) -> None:
+    """With 275 adapters QEMU's command line is about 40 KB: it stays in qemu.log, and the
+    error shows QEMU's own complaint."""
+    node = qemu_lab.node(adapters=275, options="-device e1000,no-such-property=1")
+    message = start_refused(node, EmulatorExitedError)
+    assert "no-such-property" in message
+    assert "-netdev" not in message
+    assert len(message) < 2000
+    log = (node.directory / "qemu.log").read_text()
+    assert log.startswith("emu: command line: ")
+    assert "-netdev" in log.splitlines()[0]

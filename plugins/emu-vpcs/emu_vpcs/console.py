@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from emu_vpcs.process import terminal_of
 from emucore import hookimpl
+from emucore.claims import claim_tcp_port
 from emucore.errors import NodeError
 from emucore.models import ConsoleInfo
 from emucore.node import Node
@@ -20,6 +21,13 @@ from emucore.telnetd import TelnetServer
 EMULATOR = "vpcs"
 
 SERVER = StashKey[TelnetServer]()
+
+
+@hookimpl(trylast=True)
+def emu_node_created(node: Node) -> None:
+    """A fixed console port belongs to one node at a time."""
+    if node.properties.console and node.properties.console_type != "none":
+        claim_tcp_port(node, node.properties.console, "console")
 
 
 @hookimpl(trylast=True)
