@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,3 +125,89 @@ def test_a_leftover_named_by_a_pidfile_is_reaped(tmp_path: Path, emu_run: object
         for process in (leftover, unrelated):
             process.kill()
             process.wait()
+
+
+# A host that spawns two children blocking SIGTERM (as cpulimit was found to), one with each
+# death signal, prints their pids, and waits to be killed. Argument: setpriv or preexec.
+SPAWNING_HOST = """
+import asyncio, signal, sys
+import emucore.process
+from emucore.process import spawn
+
+if sys.argv[1] == "preexec":
+    emucore.process._SETPRIV = None  # the path taken where util-linux's setpriv is missing
+
+BLOCKING = ";".join([
+    "import signal, time",
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})",
+    "print(1, flush=True)",
+    "time.sleep(600)",
+])
+
+async def main():
+    children = []
+    for death_signal in (signal.SIGKILL, signal.SIGTERM):
+        argv = [sys.executable, "-c", BLOCKING]
+        child = await spawn(argv, output=asyncio.subprocess.PIPE, death_signal=death_signal)
+        await child.stdout.readline()  # SIGTERM is blocked now
+        children.append(child.pid)
+    print(*children, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["setpriv", "preexec"])
+def test_a_sigkill_death_signal_ends_a_child_that_blocks_sigterm(how: str) -> None:
+    host = subprocess.Popen(
+        [sys.executable, "-c", SPAWNING_HOST, how], stdout=subprocess.PIPE, text=True
+    )
+    children: list[int] = []
+    try:
+        assert host.stdout is not None
+        children = [int(pid) for pid in host.stdout.readline().split()]
+        assert len(children) == 2, children
+        with_sigkill, with_sigterm = children
+        os.kill(host.pid, signal.SIGKILL)
+        host.wait(10)
+        assert wait_gone([with_sigkill], timeout=10) == []
+        # The default death signal stays pending in a child that blocks it: the hazard.
+        assert wait_gone([with_sigterm], timeout=1) == [with_sigterm]
+        status = dict(
+            line.split(":\t", 1)
+            for line in Path(f"/proc/{with_sigterm}/status").read_text().splitlines()
+        )
+        assert int(status["ShdPnd"], 16) & 1 << (signal.SIGTERM - 1)  # pending, as in issue 12
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        reap(children)
+
+
+def test_terminate_continues_a_stopped_child_so_its_sigterm_handler_runs(emu_run: Any) -> None:
+    from emucore.process import spawn, terminate
+
+    handles = ";".join(
+        [
+            "import signal, sys, time",
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))",
+            "print(1, flush=True)",
+            "time.sleep(600)",
+        ]
+    )
+
+    async def body() -> None:
+        child = await spawn([sys.executable, "-c", handles], output=asyncio.subprocess.PIPE)
+        assert child.stdout is not None
+        await child.stdout.readline()  # the handler is in place
+        child.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        assert await terminate(child, grace=20) == 3  # its own exit, not the SIGKILL
+        assert time.monotonic() - began < 10
+
+    emu_run(body())
