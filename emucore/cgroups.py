@@ -80,11 +80,14 @@ class Hierarchy:
         """The group ``emu/<name>`` (which may not exist)."""
         return CpuGroup(self, name)
 
-    def describe(self) -> str:
-        """Where the quota and the usage live, for messages and ``emu check``."""
-        where = f"{self.label}: CPU quota in {self.root / PARENT}/<name>"
+    def describe(self, name: str = "<name>") -> str:
+        """Where the quota and the usage live, for messages and ``emu check``.
+
+        :param name: what stands for a group's name.
+        """
+        where = f"{self.label}: CPU quota in {self.root / PARENT / name}"
         if self.usage_root is not None and self.usage_root != self.root:
-            where += f", usage in {self.usage_root / PARENT}/<name>"
+            where += f", usage in {self.usage_root / PARENT / name}"
         return where
 
 

@@ -1,4 +1,9 @@
-"""No orphans: the VMs (and their cpulimit) die with the host, even when it is SIGKILLed."""
+"""No orphans: the VMs (and their cpulimit) die with the host, even when it is SIGKILLed.
+
+The victims are throttled to 50 % of a CPU, one by its cgroup (where one can be written)
+and one by cpulimit under its guard: at the kill, their guests are booting, so cpulimit is
+busy stopping and continuing its QEMU.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Any
 import pytest
 
 from emu_tests.guest import TinyGuest
+from emucore.cgroups import CgroupError, find_hierarchy, probe
 from emucore.process import reap_pidfile, write_pidfile
 
 HOLD_NODES = Path(__file__).with_name("hold_nodes.py")
@@ -58,7 +64,19 @@ def reap(pids: list[int]) -> None:
             os.waitpid(pid, 0)
 
 
+def cgroup_label() -> str | None:
+    """``cgroup v1``/``cgroup v2`` when this host can throttle with a cgroup, else ``None``."""
+    try:
+        hierarchy = find_hierarchy()
+        asyncio.run(probe(hierarchy))
+    except CgroupError:
+        return None
+    return hierarchy.label
+
+
 def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]:
+    """Start ``count`` throttled nodes in a host process, SIGKILL it, return what survives
+    10 s (pids of QEMU, cpulimit and its guard). Their cgroups must be empty by then."""
     host = subprocess.Popen(
         [
             sys.executable,
@@ -68,25 +86,37 @@ def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]
             str(guest.initrd),
             str(count),
             "--throttle",
+            "auto,cpulimit",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
+    groups: list[Path] = []
     try:
         assert host.stdout is not None
         line = host.stdout.readline()
         assert line.startswith("PIDS"), line
         pids = [int(p) for p in line.split()[1:]]
-        assert len(pids) == 2 * count
+        groups = [Path(g) for g in host.stdout.readline().split()[1:]]
+        mechanisms = host.stdout.readline().split(maxsplit=1)[1].strip().split(",")
+        cgroup = cgroup_label()
+        expected = [cgroup or "cpulimit", "cpulimit"] * count
+        assert mechanisms == expected[:count]  # no cpulimit where a cgroup can be written
+        assert len(pids) == count + 2 * mechanisms.count("cpulimit")
         os.kill(host.pid, signal.SIGKILL)
         host.wait(10)
         survivors = wait_gone(pids, timeout=10)
         reap([pid for pid in pids if pid not in survivors])
+        # Their QEMUs died with the host: the groups are empty leftovers for the next start.
+        assert all((group / "cgroup.procs").read_text() == "" for group in groups)
         return survivors
     finally:
         if host.poll() is None:
             host.kill()
             host.wait()
+        for group in groups:  # these nodes never start again: remove their leftovers here
+            with contextlib.suppress(OSError):
+                group.rmdir()
 
 
 @pytest.mark.qemu
