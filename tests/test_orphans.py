@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,26 @@ def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]
                 group.rmdir()
 
 
+@pytest.fixture
+def loaded_host() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Two busy loops per CPU, for the length of the test; killed after it, always (and by
+    their death signal if pytest itself dies). Issue 12's orphan came on a host at load 10."""
+    command = ["setpriv", "--pdeathsig", "KILL", "--", sys.executable, "-c", "while True: pass"]
+    busy = [subprocess.Popen(command) for _ in range(2 * len(os.sched_getaffinity(0)))]
+    try:
+        yield busy
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @pytest.mark.qemu
 def test_sigkill_of_the_host_takes_its_vms_and_cpulimits_along(
     tmp_path: Path, tiny_guest: TinyGuest, qemu_binary: Path
@@ -135,6 +156,26 @@ def test_sigkill_of_the_host_twenty_times(
         run_and_kill_host(tmp_path / str(trial), tiny_guest, count=2) for trial in range(20)
     ]
     assert survivors == [[]] * 20
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigkill_of_the_host_twenty_times_on_a_loaded_host(
+    tmp_path: Path,
+    tiny_guest: TinyGuest,
+    qemu_binary: Path,
+    loaded_host: list[subprocess.Popen[bytes]],
+) -> None:
+    began = time.monotonic()
+    survivors = [
+        run_and_kill_host(tmp_path / str(trial), tiny_guest, count=2) for trial in range(20)
+    ]
+    assert survivors == [[]] * 20
+    # The load was real: each busy loop ran all along, sharing the CPUs with the QEMUs
+    # booting in every trial (they got about 40 % of an even share each, here).
+    even = (time.monotonic() - began) * len(os.sched_getaffinity(0)) / len(loaded_host)
+    assert all(cpu_seconds(busy.pid) > 0.2 * even for busy in loaded_host)
 
 
 def test_a_leftover_named_by_a_pidfile_is_reaped(tmp_path: Path, emu_run: object) -> None:
