@@ -1,12 +1,15 @@
-"""Small helpers several test files share: pcap reading and process scans."""
+"""Small helpers several test files share: pcap reading, process scans, cgroups."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from pathlib import Path
 
 import dpkt
+
+from emucore.cgroups import CgroupError, Hierarchy, find_hierarchy, probe
 
 
 def icmp_pairs(path: Path) -> set[tuple[str, str, str]]:
@@ -39,3 +42,20 @@ def processes_mentioning(text: str) -> dict[int, str]:
             if text in cmdline and state != "Z" and "pytest" not in cmdline:
                 found[int(entry.name)] = cmdline
     return found
+
+
+def writable_hierarchy() -> Hierarchy | None:
+    """This host's cgroup hierarchy if emu can make groups with a CPU quota in it, else
+    ``None`` (not root, read-only, no cpu controller)."""
+    try:
+        found = find_hierarchy()
+        asyncio.run(probe(found))
+    except CgroupError:
+        return None
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, all threads (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

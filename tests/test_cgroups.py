@@ -1,9 +1,10 @@
 """emucore.cgroups: finding the hierarchy, and real groups with real quotas on this host.
 
 The tests with real groups need a cgroup this host lets us write (root, a writable cgroup
-file system); they skip, saying why, where there is none. Finding the hierarchy is also
-tested on made-up mount tables and directories: a cgroup v2 hierarchy with the cpu
-controller cannot exist on a host whose cpu controller is bound to v1, as here.
+file system); they skip, saying why, where there is none (``cgroup_hierarchy``). Finding
+the hierarchy is also tested on made-up mount tables and directories: a cgroup v2
+hierarchy with the cpu controller cannot exist on a host whose cpu controller is bound to
+v1, as here.
 """
 
 from __future__ import annotations
@@ -26,27 +27,15 @@ from emucore.cgroups import (
     Hierarchy,
     find_hierarchy,
     make_group,
-    probe,
 )
 
 
-@pytest.fixture(scope="module")
-def hierarchy() -> Hierarchy:
-    """This host's hierarchy, where a group can be made; skips where none can."""
-    try:
-        found = find_hierarchy()
-        asyncio.run(probe(found))
-    except CgroupError as exc:
-        pytest.skip(f"no cgroup can be written on this host: {exc}")
-    return found
-
-
 @pytest.fixture
-def group_name(hierarchy: Hierarchy) -> Iterator[str]:
+def group_name(cgroup_hierarchy: Hierarchy) -> Iterator[str]:
     """A name for a test group; whatever the test leaves under it is removed after."""
     name = f"test-{uuid.uuid4()}"
     yield name
-    asyncio.run(hierarchy.group(name).remove())
+    asyncio.run(cgroup_hierarchy.group(name).remove())
 
 
 @pytest.fixture
@@ -68,15 +57,17 @@ def cgroup_of(pid: int, hierarchy: Hierarchy) -> str:
     raise AssertionError(f"no cpu cgroup for {pid}")
 
 
-def test_a_group_holds_a_busy_process_to_its_quota(hierarchy: Hierarchy, group_name: str) -> None:
+def test_a_group_holds_a_busy_process_to_its_quota(
+    cgroup_hierarchy: Hierarchy, group_name: str
+) -> None:
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        group = asyncio.run(make_group(hierarchy, group_name))
+        group = asyncio.run(make_group(cgroup_hierarchy, group_name))
         group.set_quota(30)
         assert group.quota_percent() == 30  # read back from the kernel's own file
         group.add(busy.pid)
         assert group.pids() == [busy.pid]
-        assert cgroup_of(busy.pid, hierarchy) == f"/{PARENT}/{group_name}"
+        assert cgroup_of(busy.pid, cgroup_hierarchy) == f"/{PARENT}/{group_name}"
         used, began = group.usage(), time.monotonic()
         time.sleep(3)  # a measurement window, not a wait for something to happen
         used_after, ended = group.usage(), time.monotonic()
@@ -90,49 +81,49 @@ def test_a_group_holds_a_busy_process_to_its_quota(hierarchy: Hierarchy, group_n
 
 
 def test_dissolve_lets_the_processes_run_on_outside_and_removes_the_group(
-    hierarchy: Hierarchy, group_name: str, sleeper: subprocess.Popen[bytes]
+    cgroup_hierarchy: Hierarchy, group_name: str, sleeper: subprocess.Popen[bytes]
 ) -> None:
-    group = asyncio.run(make_group(hierarchy, group_name))
+    group = asyncio.run(make_group(cgroup_hierarchy, group_name))
     group.add(sleeper.pid)
-    own = cgroup_of(os.getpid(), hierarchy)
+    own = cgroup_of(os.getpid(), cgroup_hierarchy)
     asyncio.run(group.dissolve())
     assert not group.exists()
     assert sleeper.poll() is None
-    assert cgroup_of(sleeper.pid, hierarchy) == own  # back where it was born
+    assert cgroup_of(sleeper.pid, cgroup_hierarchy) == own  # back where it was born
 
 
 def test_a_leftover_group_is_emptied_and_removed_before_a_new_one_is_made(
-    hierarchy: Hierarchy, group_name: str, sleeper: subprocess.Popen[bytes]
+    cgroup_hierarchy: Hierarchy, group_name: str, sleeper: subprocess.Popen[bytes]
 ) -> None:
-    leftover = asyncio.run(make_group(hierarchy, group_name))
+    leftover = asyncio.run(make_group(cgroup_hierarchy, group_name))
     leftover.set_quota(10)
     leftover.add(sleeper.pid)
-    fresh = asyncio.run(make_group(hierarchy, group_name))
+    fresh = asyncio.run(make_group(cgroup_hierarchy, group_name))
     assert sleeper.wait(10) == -signal.SIGKILL
     assert fresh.pids() == []
     assert fresh.quota_percent() == 0  # a new group, not the old one
 
 
-def test_an_empty_leftover_is_removed(hierarchy: Hierarchy, group_name: str) -> None:
-    group = asyncio.run(make_group(hierarchy, group_name))
+def test_an_empty_leftover_is_removed(cgroup_hierarchy: Hierarchy, group_name: str) -> None:
+    group = asyncio.run(make_group(cgroup_hierarchy, group_name))
     assert group.exists()
     assert asyncio.run(group.remove()) == []
     assert not group.exists()
     assert asyncio.run(group.remove()) == []  # removing what is not there is fine
 
 
-def test_a_group_under_a_chosen_root(hierarchy: Hierarchy, group_name: str) -> None:
-    chosen = find_hierarchy(hierarchy.root / PARENT)
-    assert chosen.version == hierarchy.version
-    assert chosen.mount == hierarchy.mount
+def test_a_group_under_a_chosen_root(cgroup_hierarchy: Hierarchy, group_name: str) -> None:
+    chosen = find_hierarchy(cgroup_hierarchy.root / PARENT)
+    assert chosen.version == cgroup_hierarchy.version
+    assert chosen.mount == cgroup_hierarchy.mount
     group = asyncio.run(make_group(chosen, group_name))
     try:
-        assert group.path == hierarchy.root / PARENT / PARENT / group_name
+        assert group.path == cgroup_hierarchy.root / PARENT / PARENT / group_name
         group.set_quota(20)
         assert group.quota_percent() == 20
     finally:
         asyncio.run(group.remove())
-        (hierarchy.root / PARENT / PARENT).rmdir()
+        (cgroup_hierarchy.root / PARENT / PARENT).rmdir()
 
 
 # -- finding the hierarchy in made-up mount tables ------------------------------------------

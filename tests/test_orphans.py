@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from emu_tests.guest import TinyGuest
-from emucore.cgroups import CgroupError, find_hierarchy, probe
 from emucore.process import reap_pidfile, write_pidfile
+from tests.helpers import cpu_seconds, writable_hierarchy
 
 HOLD_NODES = Path(__file__).with_name("hold_nodes.py")
 
@@ -65,16 +65,6 @@ def reap(pids: list[int]) -> None:
             os.waitpid(pid, 0)
 
 
-def cgroup_label() -> str | None:
-    """``cgroup v1``/``cgroup v2`` when this host can throttle with a cgroup, else ``None``."""
-    try:
-        hierarchy = find_hierarchy()
-        asyncio.run(probe(hierarchy))
-    except CgroupError:
-        return None
-    return hierarchy.label
-
-
 def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]:
     """Start ``count`` throttled nodes in a host process, SIGKILL it, return what survives
     10 s (pids of QEMU, cpulimit and its guard). Their cgroups must be empty by then."""
@@ -100,8 +90,8 @@ def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]
         pids = [int(p) for p in line.split()[1:]]
         groups = [Path(g) for g in host.stdout.readline().split()[1:]]
         mechanisms = host.stdout.readline().split(maxsplit=1)[1].strip().split(",")
-        cgroup = cgroup_label()
-        expected = [cgroup or "cpulimit", "cpulimit"] * count
+        hierarchy = writable_hierarchy()
+        expected = [hierarchy.label if hierarchy else "cpulimit", "cpulimit"] * count
         assert mechanisms == expected[:count]  # no cpulimit where a cgroup can be written
         assert len(pids) == count + 2 * mechanisms.count("cpulimit")
         os.kill(host.pid, signal.SIGKILL)
@@ -132,12 +122,6 @@ def loaded_host() -> Iterator[list[subprocess.Popen[bytes]]]:
         for process in busy:
             process.kill()
             process.wait()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process so far (``/proc/<pid>/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.mark.qemu

@@ -13,7 +13,6 @@ busy-loop: a guest at 50 % would take twice as long to boot.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
@@ -26,10 +25,10 @@ import pytest
 
 from emu_qemu.cpulimit import start_cpulimit
 from emu_qemu.process import qemu_pid
-from emu_qemu.throttle import set_cpu_throttling, throttling_of
+from emu_qemu.throttle import Throttling, set_cpu_throttling, throttling_of
 from emu_tests.console import open_guest_console
 from emucore import hookimpl
-from emucore.cgroups import CgroupError, Hierarchy, find_hierarchy, make_group, probe
+from emucore.cgroups import Hierarchy, make_group
 from emucore.errors import ConfigError, NodeError, NodeStateError
 from emucore.hooks import call_in_order
 from emucore.models import HostSettings, NodeEvent, Project
@@ -37,7 +36,7 @@ from emucore.node import Node
 from emucore.plugins import make_plugin_manager
 from emucore.session import Session
 from emucore.telnet import TelnetConsole
-from tests.helpers import processes_mentioning
+from tests.helpers import cpu_seconds, processes_mentioning
 
 NodeFactory = Callable[..., Awaitable[Node]]
 ConsoleFactory = Callable[[Node], Awaitable[TelnetConsole]]
@@ -46,28 +45,11 @@ WINDOW = 4.0  # seconds each share is measured over
 pytestmark = pytest.mark.qemu
 
 
-@pytest.fixture(scope="module")
-def hierarchy() -> Hierarchy:
-    """This host's hierarchy, where a group can be made; skips where none can."""
-    try:
-        found = find_hierarchy()
-        asyncio.run(probe(found))
-    except CgroupError as exc:
-        pytest.skip(f"no cgroup can be written on this host: {exc}")
-    return found
-
-
 def with_qemu_settings(settings: HostSettings, **qemu: Any) -> HostSettings:
     """``settings`` with more QEMU settings."""
     emulators = dict(settings.emulators)
     emulators["qemu"] = {**emulators.get("qemu", {}), **qemu}
     return attrs.evolve(settings, emulators=emulators)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process, all threads (``/proc/<pid>/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def process_state(pid: int) -> str:
@@ -103,16 +85,24 @@ def cpulimit_of(pid: int) -> dict[int, str]:
     return {p: line for p, line in aimed.items() if "cpulimit" in line}
 
 
+async def start_throttled(
+    make: NodeFactory, name: str, mechanism: str
+) -> tuple[Node, int, Throttling]:
+    """A node started at ``cpu_throttling = 50``: it, QEMU's pid, and its throttling, which
+    must use ``mechanism``."""
+    node = await make(name, cpu_throttling=50)
+    pid, state = qemu_pid(node), throttling_of(node)
+    assert pid is not None
+    assert state is not None
+    assert state.mechanism == mechanism
+    return node, pid, state
+
+
 def test_a_busy_guest_gets_the_share_asked_for_and_it_changes_live(
-    emu_run: Any, qemu_node: NodeFactory, hierarchy: Hierarchy
+    emu_run: Any, qemu_node: NodeFactory, cgroup_hierarchy: Hierarchy
 ) -> None:
     async def body() -> None:
-        node = await qemu_node("busy", cpu_throttling=50)
-        state = throttling_of(node)
-        pid = qemu_pid(node)
-        assert state is not None
-        assert pid is not None
-        assert state.mechanism == hierarchy.label
+        node, pid, state = await start_throttled(qemu_node, "busy", cgroup_hierarchy.label)
         group = state.group
         assert group is not None
         assert group.pids() == [pid]
@@ -154,7 +144,7 @@ class SeesQemu:
 
 
 def test_leftover_cgroups_are_removed_at_the_next_start(
-    emu_run: Any, qemu_node: NodeFactory, hierarchy: Hierarchy, emu_plugin_manager: Any
+    emu_run: Any, qemu_node: NodeFactory, cgroup_hierarchy: Hierarchy, emu_plugin_manager: Any
 ) -> None:
     sees = SeesQemu()
     emu_plugin_manager.register(sees, "sees-qemu")
@@ -162,7 +152,7 @@ def test_leftover_cgroups_are_removed_at_the_next_start(
     async def body() -> None:
         # A host died, leaving the node's group with a live process in it.
         node = await qemu_node("left", cpu_throttling=50, start=False)
-        leftover = await make_group(hierarchy, str(node.config.id))
+        leftover = await make_group(cgroup_hierarchy, str(node.config.id))
         sleeper = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "import time; time.sleep(600)"
         )
@@ -186,9 +176,9 @@ def test_leftover_cgroups_are_removed_at_the_next_start(
 
         # An empty leftover, of a node that starts unthrottled: removed all the same.
         other = await qemu_node("empty", start=False)
-        await make_group(hierarchy, str(other.config.id))
+        await make_group(cgroup_hierarchy, str(other.config.id))
         await other.start()
-        assert not hierarchy.group(str(other.config.id)).exists()
+        assert not cgroup_hierarchy.group(str(other.config.id)).exists()
         unthrottled = throttling_of(other)
         assert unthrottled is not None
         assert unthrottled.mechanism == ""
@@ -222,12 +212,7 @@ class TestWithoutAWritableCgroup:
         emu_session.events.subscribe(events.append)
 
         async def body() -> None:
-            node = await qemu_node("fallback", cpu_throttling=50)
-            pid = qemu_pid(node)
-            state = throttling_of(node)
-            assert pid is not None
-            assert state is not None
-            assert state.mechanism == "cpulimit"
+            node, pid, state = await start_throttled(qemu_node, "fallback", "cpulimit")
             assert any("no cgroup can be used" in e.message for e in events if e.kind == "warning")
             first = state.cpulimit
             assert first is not None
@@ -282,7 +267,7 @@ def test_live_changes_only_on_a_running_node_and_within_range(
 
 
 def test_emu_check_names_the_mechanism(
-    emu_run: Any, emu_settings: HostSettings, hierarchy: Hierarchy, tmp_path: Path
+    emu_run: Any, emu_settings: HostSettings, cgroup_hierarchy: Hierarchy, tmp_path: Path
 ) -> None:
     def check(**qemu: Any) -> tuple[bool, str]:
         hook = make_plugin_manager(environ={}).hook.emu_check
@@ -291,7 +276,7 @@ def test_emu_check_names_the_mechanism(
         assert len(found) == 1
         return found[0].ok, found[0].detail
 
-    assert check() == (True, hierarchy.describe("<node id>"))
+    assert check() == (True, cgroup_hierarchy.describe("<node id>"))
     assert check(cpu_throttling_mechanism="cpulimit") == (
         True,
         "cpulimit: /usr/bin/cpulimit (cpu_throttling_mechanism = cpulimit)",
