@@ -50,11 +50,13 @@ class Cpulimit:
     :ivar guard: the guard process (its stdin is the host's end of the line).
     :ivar pid: cpulimit's pid.
     :ivar percent: the limit, in % of one CPU.
+    :ivar pidfd: a pidfd of cpulimit, to see it gone (``None`` once it was).
     """
 
     guard: asyncio.subprocess.Process
     pid: int
     percent: int
+    pidfd: int | None = None
 
     async def stop(self, timeout: float = 5.0) -> None:
         """End cpulimit and continue its target; bounded (the guard is killed at worst)."""
@@ -64,6 +66,25 @@ class Cpulimit:
             await asyncio.wait_for(self.guard.wait(), timeout)
         except TimeoutError:
             await terminate(self.guard, grace=1.0)
+        await self.gone(timeout)
+
+    async def gone(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until cpulimit itself has exited: then nothing stops the target.
+
+        Its guard may be gone first (killed: cpulimit then dies by its death signal).
+        """
+        pidfd, self.pidfd = self.pidfd, None
+        if pidfd is None:
+            return
+        loop = asyncio.get_running_loop()
+        exited = asyncio.Event()
+        loop.add_reader(pidfd, exited.set)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exited.wait(), timeout)
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
 
 
 def limit_for(percent: int) -> int | None:
@@ -98,7 +119,12 @@ async def start_cpulimit(
         with contextlib.suppress(TimeoutError):
             line = await asyncio.wait_for(output.readline(), timeout)
     if line.strip().isdigit():
-        return Cpulimit(guard, int(line), percent)
+        pid = int(line)
+        try:
+            pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:  # gone already
+            pidfd = None
+        return Cpulimit(guard, pid, percent, pidfd)
     said = line
     if output is not None:
         with contextlib.suppress(TimeoutError):

@@ -195,9 +195,11 @@ async def _start_cpulimit(node: Node, state: Throttling, pid: int) -> None:
 
 async def _stop_cpulimit(node: Node, state: Throttling) -> None:
     cpulimit, state.cpulimit = state.cpulimit, None
-    if state.watcher is not None:
-        state.watcher.cancel()
-        state.watcher = None
+    watcher, state.watcher = state.watcher, None
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     if cpulimit is not None:
         await cpulimit.stop()
         _continue(node)
@@ -215,7 +217,8 @@ async def _watch(node: Node, state: Throttling, cpulimit: Cpulimit) -> None:
     returncode = await cpulimit.guard.wait()
     if state.cpulimit is not cpulimit:
         return
-    state.cpulimit = None
+    state.cpulimit, state.percent = None, 0
+    await cpulimit.gone()  # a killed guard's cpulimit dies by its death signal, maybe later
     _continue(node)
     if _pid(node) is not None:  # QEMU runs on: say it is no longer throttled
         node.emit(
@@ -270,19 +273,28 @@ async def set_cpu_throttling(node: Node, percent: int) -> None:
         pid = _pid(node)
         if state.ended or pid is None:
             raise NodeStateError(node.name, "cpu_throttling changes live only while it runs")
-        state.percent = percent
-        if state.cpulimit is not None:
-            await _stop_cpulimit(node, state)
-        if state.group is not None:
-            try:
-                state.group.set_quota(percent)
-            except CgroupError as exc:
-                raise NodeError(node.name, f"cpu_throttling: {exc}") from None
-            return
-        if percent and not state.mechanism:
-            await _choose(node, state, _settings(node))
-        if percent:
-            await _enforce(node, state, pid)
+        previous, state.percent = state.percent, percent
+        try:
+            await _change(node, state, pid)
+        except BaseException:
+            # What is in force now: the group's former quota, or none once cpulimit stopped.
+            state.percent = previous if state.group is not None else 0
+            raise
+
+
+async def _change(node: Node, state: Throttling, pid: int) -> None:
+    if state.cpulimit is not None:
+        await _stop_cpulimit(node, state)
+    if state.group is not None:
+        try:
+            state.group.set_quota(state.percent)
+        except CgroupError as exc:
+            raise NodeError(node.name, f"cpu_throttling: {exc}") from None
+        return
+    if state.percent and not state.mechanism:
+        await _choose(node, state, _settings(node))
+    if state.percent:
+        await _enforce(node, state, pid)
 
 
 @hookimpl

@@ -232,10 +232,23 @@ class TestWithoutAWritableCgroup:
             half = await share(lambda: cpu_seconds(pid))
             # cpulimit is coarser than a quota: it stops and continues QEMU by signals.
             assert 0.6 * min(0.5, free) <= half <= 0.65, (free, half)
+            # A guard killed behind emu's back: cpulimit dies with it (its death signal), and
+            # QEMU is continued and said to run unthrottled.
+            with emu_session.events.queue() as queue:
+                second.guard.kill()
+                event = await asyncio.wait_for(queue.get(), 20)
+            assert event.kind == "warning"
+            assert "cpulimit ended on its own" in event.message
+            assert process_state(second.pid) in ("gone", "Z")  # a zombie of another reaper
+            assert process_state(pid) != "T"
+            assert (state.cpulimit, state.percent) == (None, 0)
+            await set_cpu_throttling(node, 50)
+            third = state.cpulimit
+            assert third is not None
             await console.close()
             await node.stop()
             # Lifted before QEMU was signalled; everything is gone with the node.
-            assert [process_state(p) for p in (second.pid, second.guard.pid, pid)] == ["gone"] * 3
+            assert [process_state(p) for p in (third.pid, third.guard.pid, pid)] == ["gone"] * 3
             plain = Path(emu_settings.emulators["qemu"]["cgroup_root"])
             assert list(plain.iterdir()) == []  # nothing was written where no cgroup is
 
