@@ -16,7 +16,7 @@ plugin name               module                      concern
 ``qemu.console``          ``emu_qemu.console``        telnet / VNC / SPICE console
 ``qemu.process``          ``emu_qemu.process``        launch, QMP, stop, suspend, resume, reload
 ``qemu.priority``         ``emu_qemu.priority``       process priority
-``qemu.throttle``         ``emu_qemu.throttle``       CPU throttling with cpulimit
+``qemu.throttle``         ``emu_qemu.throttle``       CPU quota by cgroup, or cpulimit
 ``qemu.capture``          ``emu_qemu.capture``        pcap capture with filter-dump
 ``qemu.options``          ``emu_qemu.options``        the user's extra options
 ========================  ==========================  ==========================================

@@ -1,9 +1,10 @@
 """The QEMU process: launch it paused, control it over QMP, stop it for sure.
 
 Start: QEMU runs in the node directory with ``-S`` (CPUs paused) and QMP on ``qmp.sock``;
-its stdout and stderr go to ``qemu.log``, which begins with the command line. Once QMP
-answers, ``cont`` lets the guest run. A task waits on the process, so an exit is seen at
-once, not by polling.
+its stdout and stderr go to ``qemu.log``, which begins with the command line. If a plugin
+made a cgroup for the node (:data:`~emucore.cgroups.NODE_CGROUP`, e.g. a CPU quota), QEMU
+is put in it at once, before its CPUs run. Once QMP answers, ``cont`` lets the guest run.
+A task waits on the process, so an exit is seen at once, not by polling.
 
 Stop: ``on_close = shutdown_signal`` asks the guest to power off (ACPI) and waits
 ``powerdown_timeout`` seconds; then SIGTERM, wait, SIGKILL, wait. ``power_off`` goes straight
@@ -26,6 +27,7 @@ from emu_qemu import positions
 from emu_qemu.properties import QemuSettings
 from emu_qemu.qmp import MONITOR, SOCKET_NAME, Monitor, QmpError, monitor_of
 from emucore import hookimpl
+from emucore.cgroups import NODE_CGROUP, CgroupError
 from emucore.errors import EmulatorExitedError
 from emucore.files import create_file
 from emucore.node import Node
@@ -98,6 +100,7 @@ async def emu_start(node: Node, argv: Sequence[str]) -> None:
         log.flush()
         process = await spawn(argv, cwd=directory, output=log)
     write_pidfile(directory / PIDFILE_NAME, process.pid, str(directory))
+    _join_node_cgroup(node, process.pid)
     running = QemuProcess(process)
     node.stash[PROCESS] = running
     running.watcher = asyncio.get_running_loop().create_task(_watch(node, running, log_path))
@@ -121,6 +124,15 @@ async def emu_start(node: Node, argv: Sequence[str]) -> None:
     except QmpError as exc:
         await _wait_briefly(process)
         raise _start_failed(node, exc, process, log_path) from None
+
+
+def _join_node_cgroup(node: Node, pid: int) -> None:
+    # Still paused (-S): the guest never runs outside the group. A failure is left to the
+    # plugin that made the group, which checks once QEMU runs.
+    group = node.stash.get(NODE_CGROUP, None)
+    if group is not None:
+        with contextlib.suppress(CgroupError):
+            group.add(pid)
 
 
 def _start_failed(

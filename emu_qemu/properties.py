@@ -209,6 +209,12 @@ class QemuProperties:
 
 
 KVM_MODES = frozenset(("auto", "require", "off"))
+THROTTLING_MECHANISMS = frozenset(("auto", "cgroup", "cpulimit"))
+
+
+def _absolute_or_empty(_inst: Any, _attr: attrs.Attribute[Any], value: str) -> None:
+    if value and not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, got {value!r}")
 
 
 @attrs.frozen
@@ -224,6 +230,12 @@ class QemuSettings:
     :ivar powerdown_timeout: seconds a guest gets to power off after an ACPI shutdown request.
     :ivar qmp_timeout: seconds any QMP command may take.
     :ivar start_timeout: seconds QEMU gets to open its QMP socket.
+    :ivar cpu_throttling_mechanism: how ``cpu_throttling`` is enforced: ``auto`` (a cgroup
+        CPU quota, else cpulimit with a warning), ``cgroup`` (fail when no cgroup can be
+        used) or ``cpulimit``.
+    :ivar cgroup_root: the cgroup directory the nodes' groups go under (``emu/<node id>``);
+        by default the root of the mounted hierarchy (cgroup v2 if its cpu controller is
+        available, else v1's ``cpu``).
     """
 
     kvm: str = attrs.field(default="auto", validator=one_of(KVM_MODES))
@@ -233,3 +245,9 @@ class QemuSettings:
     powerdown_timeout: float = attrs.field(default=10.0, validator=in_range(0, 3600))
     qmp_timeout: float = attrs.field(default=10.0, validator=in_range(0.1, 600))
     start_timeout: float = attrs.field(default=20.0, validator=in_range(0.5, 600))
+    cpu_throttling_mechanism: str = attrs.field(
+        default="auto", validator=one_of(THROTTLING_MECHANISMS)
+    )
+    cgroup_root: str = attrs.field(
+        default="", validator=[printable(4096, allow_empty=True), _absolute_or_empty]
+    )

@@ -2,10 +2,12 @@
 
 Every emulator or helper process (QEMU, VPCS, cpulimit) is started through :func:`spawn`:
 
-* the kernel sends it SIGTERM when the host process dies, even by SIGKILL
+* the kernel sends it a death signal when the host process dies, even by SIGKILL
   (``PR_SET_PDEATHSIG``, set by util-linux's ``setpriv`` right before it execs the command,
   or by a ``preexec_fn`` where setpriv is missing; it fires when the spawning *thread* ends,
-  so spawn from the event loop's thread, which lives as long as the host);
+  so spawn from the event loop's thread, which lives as long as the host). SIGTERM by
+  default, so an emulator can shut down in order; SIGKILL for a helper that might have
+  SIGTERM blocked at that moment (cpulimit was seen stuck so, with SIGTERM pending forever);
 * it gets its own session, so a Ctrl-C on the host's terminal reaches the host only and the
   host stops its nodes in order;
 * its files are created with mode 0600/0700 (umask 077): QMP sockets, logs, captures;
@@ -39,9 +41,9 @@ def _load_libc() -> Any:
     return _libc
 
 
-def _child_setup(parent: int, libc: Any) -> None:
+def _child_setup(parent: int, death_signal: int, libc: Any) -> None:
     """Runs in the child between fork and exec: async-signal-safe calls only."""
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
     if os.getppid() != parent:  # the host died before prctl took effect
         os._exit(1)
     os.umask(0o077)
@@ -60,6 +62,7 @@ async def spawn(
     cwd: Path | None = None,
     output: IO[Any] | int | None = asyncio.subprocess.DEVNULL,
     stdin: int | None = asyncio.subprocess.DEVNULL,
+    death_signal: signal.Signals = signal.SIGTERM,
 ) -> asyncio.subprocess.Process:
     """Start ``argv`` as a child that dies with the host (see the module docstring).
 
@@ -67,6 +70,9 @@ async def spawn(
     :param cwd: working directory of the child.
     :param output: where stdout and stderr go (a file, ``PIPE`` or ``DEVNULL``).
     :param stdin: the child's stdin (``DEVNULL`` by default).
+    :param death_signal: what the kernel sends the child when the host dies: ``SIGTERM``
+        (default: the child may shut down in order) or ``SIGKILL`` (it cannot be blocked,
+        caught or left pending; for helpers that need no clean exit).
     """
     common: dict[str, Any] = {
         "cwd": cwd,
@@ -79,24 +85,29 @@ async def spawn(
         # The shell closes setpriv's race: a host that died before the death signal was set
         # can no longer send it, so the child checks its parent is still the host, then execs.
         check = 'test "$PPID" = "$1" && shift && exec "$@"'
-        command = [_SETPRIV, "--pdeathsig", "TERM", "--", "/bin/sh", "-c", check, "sh"]
+        name = death_signal.name.removeprefix("SIG")
+        command = [_SETPRIV, "--pdeathsig", name, "--", "/bin/sh", "-c", check, "sh"]
         command += [str(os.getpid()), *argv]
         return await asyncio.create_subprocess_exec(*command, umask=0o077, **common)
     libc = _load_libc()
     parent = os.getpid()
     return await asyncio.create_subprocess_exec(
-        *argv, preexec_fn=lambda: _child_setup(parent, libc), **common
+        *argv, preexec_fn=lambda: _child_setup(parent, death_signal, libc), **common
     )
 
 
 async def terminate(process: asyncio.subprocess.Process, grace: float = 5.0) -> int | None:
-    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL and wait: bounded, and final.
+    """SIGTERM (then SIGCONT), wait up to ``grace`` seconds, then SIGKILL and wait: bounded.
+
+    A stopped process (SIGSTOP, e.g. by a throttling helper) keeps a SIGTERM it handles
+    pending until it runs again: the SIGCONT right after lets it act on it.
 
     :return: the exit code.
     """
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             process.terminate()
+            process.send_signal(signal.SIGCONT)
         try:
             await asyncio.wait_for(process.wait(), grace)
         except TimeoutError:
@@ -129,13 +140,20 @@ async def reap_pidfile(path: Path, timeout: float = 5.0) -> int | None:
     killed = None
     if marker and marker in _cmdline(pid):
         with contextlib.suppress(ProcessLookupError):
-            killed = await _kill_and_wait(pid, timeout)
+            killed = await kill_and_wait(pid, timeout)
     path.unlink(missing_ok=True)
     return killed
 
 
-async def _kill_and_wait(pid: int, timeout: float) -> int:
-    """SIGKILL a process that is not our child and wait until it is gone (its pidfd reads)."""
+async def kill_and_wait(pid: int, timeout: float) -> int:
+    """SIGKILL a process that is not our child and wait (bounded) until it is gone.
+
+    :param pid: the process; its pidfd is opened first, so a reused pid is never signalled
+        after the wait.
+    :param timeout: seconds to wait for the exit.
+    :return: ``pid``.
+    :raises ProcessLookupError: there is no such process.
+    """
     pidfd = os.pidfd_open(pid)
     try:
         gone = asyncio.Event()

@@ -19,9 +19,11 @@ import attrs
 import pytest
 from qemu.qmp import ConnectError, QMPClient
 
+from emucore.cgroups import Hierarchy
 from emucore.models import HostSettings, Project
 from emucore.node import Node
 from emucore.session import Session
+from tests.helpers import writable_hierarchy
 
 T = TypeVar("T")
 
@@ -320,3 +322,13 @@ def make_distribution(
     yield make
     for module in imported:
         sys.modules.pop(module, None)
+
+
+@pytest.fixture(scope="session")
+def cgroup_hierarchy() -> Hierarchy:
+    """This host's cgroup hierarchy, where emu can make groups with a CPU quota; skips,
+    saying why, on a host where it cannot (the real thing does not exist there)."""
+    found = writable_hierarchy()
+    if found is None:
+        pytest.skip("no cgroup with a cpu controller can be written on this host")
+    return found

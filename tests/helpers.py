@@ -1,7 +1,8 @@
-"""Small helpers several test files share: pcap reading and process scans."""
+"""Small helpers several test files share: pcap reading, process scans, cgroups."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import IO
 
 import dpkt
+
+from emucore.cgroups import CgroupError, Hierarchy, find_hierarchy, probe
 
 
 def icmp_pairs(path: Path) -> set[tuple[str, str, str]]:
@@ -106,3 +109,20 @@ def wait_for_line(stream: IO[str], needle: str, timeout: float) -> str:
         if needle in line:
             return line
     raise AssertionError(f"{needle!r} not seen in {timeout:g} s; got {seen!r}")
+
+
+def writable_hierarchy() -> Hierarchy | None:
+    """This host's cgroup hierarchy if emu can make groups with a CPU quota in it, else
+    ``None`` (not root, read-only, no cpu controller)."""
+    try:
+        found = find_hierarchy()
+        asyncio.run(probe(found))
+    except CgroupError:
+        return None
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, all threads (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -1,6 +1,11 @@
 """A host process for orphan tests: start QEMU nodes, print their pids, wait to be killed.
 
-Usage: python tests/hold_nodes.py PROJECT_DIR KERNEL INITRD COUNT [--throttle]
+Usage: python tests/hold_nodes.py PROJECT_DIR KERNEL INITRD COUNT [--throttle MECHANISMS]
+
+``--throttle auto,cpulimit`` throttles every node to 50 % of a CPU, node *i* with the
+*i*-th mechanism (cycling; ``auto`` is a cgroup where one can be written). Prints one line
+``PIDS ...`` (every QEMU, and every cpulimit and its guard), one line ``GROUPS ...`` (the
+nodes' cgroup directories) and one line ``MECHANISMS m1,m2,...``, then waits.
 """
 
 from __future__ import annotations
@@ -10,19 +15,27 @@ import sys
 from pathlib import Path
 
 from emu_qemu.process import qemu_pid
-from emu_qemu.throttle import CPULIMIT
+from emu_qemu.throttle import throttling_of
 from emucore.models import HostSettings, Project
 from emucore.session import Session
 
 
-async def main(project_dir: Path, kernel: Path, initrd: Path, count: int, throttle: bool) -> None:
-    settings = HostSettings(
-        image_dirs=(kernel.parent, initrd.parent), emulators={"qemu": {"kvm": "off"}}
-    )
-    session = Session(Project.for_directory(project_dir), settings=settings)
-    pids = []
+async def main(project_dir: Path, kernel: Path, initrd: Path, count: int, throttle: str) -> None:
+    mechanisms = throttle.split(",") if throttle else ["auto"]
+    sessions = {
+        mechanism: Session(
+            Project.for_directory(project_dir),
+            settings=HostSettings(
+                image_dirs=(kernel.parent, initrd.parent),
+                emulators={"qemu": {"kvm": "off", "cpu_throttling_mechanism": mechanism}},
+            ),
+        )
+        for mechanism in mechanisms
+    }
+    pids, groups, used = [], [], []
     for number in range(count):
-        node = session.add_node(
+        mechanism = mechanisms[number % len(mechanisms)]
+        node = sessions[mechanism].add_node(
             {
                 "name": f"held{number}",
                 "emulator": "qemu",
@@ -35,14 +48,19 @@ async def main(project_dir: Path, kernel: Path, initrd: Path, count: int, thrott
         )
         await node.start()
         pids.append(qemu_pid(node))
-        if throttle:
-            pids.append(node.stash[CPULIMIT].pid)
+        state = throttling_of(node)
+        if state is not None and state.cpulimit is not None:
+            pids += [state.cpulimit.guard.pid, state.cpulimit.pid]
+        if state is not None and state.group is not None:
+            groups += [str(directory) for directory in state.group.directories]
+        used.append((state.mechanism if state else "") or "none")
     print("PIDS", *pids, flush=True)
+    print("GROUPS", *groups, flush=True)
+    print("MECHANISMS", ",".join(used), flush=True)
     await asyncio.Event().wait()  # until killed
 
 
 if __name__ == "__main__":
     directory, kernel, initrd, count = sys.argv[1:5]
-    asyncio.run(
-        main(Path(directory), Path(kernel), Path(initrd), int(count), "--throttle" in sys.argv)
-    )
+    mechanisms = sys.argv[sys.argv.index("--throttle") + 1] if "--throttle" in sys.argv else ""
+    asyncio.run(main(Path(directory), Path(kernel), Path(initrd), int(count), mechanisms))

@@ -260,4 +260,6 @@ def test_listings_have_json() -> None:
     assert auto.returncode == 1
     kvm = {row["subject"]: row for row in json.loads(auto.stdout)}["kvm"]
     assert kvm["ok"] is False  # this host's KVM hangs guests: the probe says so
-    assert results["cpulimit"]["ok"] is True
+    throttling = results["cpu_throttling"]
+    assert throttling["ok"] is True
+    assert throttling["detail"].startswith(("cgroup v2: ", "cgroup v1: ", "cpulimit: "))

@@ -1,7 +1,13 @@
-"""No orphans: the VMs (and their cpulimit) die with the host, even when it is SIGKILLed."""
+"""No orphans: the VMs (and their cpulimit) die with the host, even when it is SIGKILLed.
+
+The victims are throttled to 50 % of a CPU, one by its cgroup (where one can be written)
+and one by cpulimit under its guard: at the kill, their guests are booting, so cpulimit is
+busy stopping and continuing its QEMU.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -9,12 +15,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from emu_tests.guest import TinyGuest
 from emucore.process import reap_pidfile, write_pidfile
+from tests.helpers import cpu_seconds, writable_hierarchy
 
 HOLD_NODES = Path(__file__).with_name("hold_nodes.py")
 
@@ -57,6 +66,8 @@ def reap(pids: list[int]) -> None:
 
 
 def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]:
+    """Start ``count`` throttled nodes in a host process, SIGKILL it, return what survives
+    10 s (pids of QEMU, cpulimit and its guard). Their cgroups must be empty by then."""
     host = subprocess.Popen(
         [
             sys.executable,
@@ -66,25 +77,51 @@ def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]
             str(guest.initrd),
             str(count),
             "--throttle",
+            "auto,cpulimit",
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
+    groups: list[Path] = []
     try:
         assert host.stdout is not None
         line = host.stdout.readline()
         assert line.startswith("PIDS"), line
         pids = [int(p) for p in line.split()[1:]]
-        assert len(pids) == 2 * count
+        groups = [Path(g) for g in host.stdout.readline().split()[1:]]
+        mechanisms = host.stdout.readline().split(maxsplit=1)[1].strip().split(",")
+        hierarchy = writable_hierarchy()
+        expected = [hierarchy.label if hierarchy else "cpulimit", "cpulimit"] * count
+        assert mechanisms == expected[:count]  # no cpulimit where a cgroup can be written
+        assert len(pids) == count + 2 * mechanisms.count("cpulimit")
         os.kill(host.pid, signal.SIGKILL)
         host.wait(10)
         survivors = wait_gone(pids, timeout=10)
         reap([pid for pid in pids if pid not in survivors])
+        # Their QEMUs died with the host: the groups are empty leftovers for the next start.
+        assert all((group / "cgroup.procs").read_text() == "" for group in groups)
         return survivors
     finally:
         if host.poll() is None:
             host.kill()
             host.wait()
+        for group in groups:  # these nodes never start again: remove their leftovers here
+            with contextlib.suppress(OSError):
+                group.rmdir()
+
+
+@pytest.fixture
+def loaded_host() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Two busy loops per CPU, for the length of the test; killed after it, always (and by
+    their death signal if pytest itself dies). Issue 12's orphan came on a host at load 10."""
+    command = ["setpriv", "--pdeathsig", "KILL", "--", sys.executable, "-c", "while True: pass"]
+    busy = [subprocess.Popen(command) for _ in range(2 * len(os.sched_getaffinity(0)))]
+    try:
+        yield busy
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.qemu
@@ -105,6 +142,26 @@ def test_sigkill_of_the_host_twenty_times(
     assert survivors == [[]] * 20
 
 
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigkill_of_the_host_twenty_times_on_a_loaded_host(
+    tmp_path: Path,
+    tiny_guest: TinyGuest,
+    qemu_binary: Path,
+    loaded_host: list[subprocess.Popen[bytes]],
+) -> None:
+    began = time.monotonic()
+    survivors = [
+        run_and_kill_host(tmp_path / str(trial), tiny_guest, count=2) for trial in range(20)
+    ]
+    assert survivors == [[]] * 20
+    # The load was real: each busy loop ran all along, sharing the CPUs with the QEMUs
+    # booting in every trial (they got about 40 % of an even share each, here).
+    even = (time.monotonic() - began) * len(os.sched_getaffinity(0)) / len(loaded_host)
+    assert all(cpu_seconds(busy.pid) > 0.2 * even for busy in loaded_host)
+
+
 def test_a_leftover_named_by_a_pidfile_is_reaped(tmp_path: Path, emu_run: object) -> None:
     marker = str(tmp_path / "node-dir")
     leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", marker])
@@ -123,3 +180,89 @@ def test_a_leftover_named_by_a_pidfile_is_reaped(tmp_path: Path, emu_run: object
         for process in (leftover, unrelated):
             process.kill()
             process.wait()
+
+
+# A host that spawns two children blocking SIGTERM (as cpulimit was found to), one with each
+# death signal, prints their pids, and waits to be killed. Argument: setpriv or preexec.
+SPAWNING_HOST = """
+import asyncio, signal, sys
+import emucore.process
+from emucore.process import spawn
+
+if sys.argv[1] == "preexec":
+    emucore.process._SETPRIV = None  # the path taken where util-linux's setpriv is missing
+
+BLOCKING = ";".join([
+    "import signal, time",
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})",
+    "print(1, flush=True)",
+    "time.sleep(600)",
+])
+
+async def main():
+    children = []
+    for death_signal in (signal.SIGKILL, signal.SIGTERM):
+        argv = [sys.executable, "-c", BLOCKING]
+        child = await spawn(argv, output=asyncio.subprocess.PIPE, death_signal=death_signal)
+        await child.stdout.readline()  # SIGTERM is blocked now
+        children.append(child.pid)
+    print(*children, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["setpriv", "preexec"])
+def test_a_sigkill_death_signal_ends_a_child_that_blocks_sigterm(how: str) -> None:
+    host = subprocess.Popen(
+        [sys.executable, "-c", SPAWNING_HOST, how], stdout=subprocess.PIPE, text=True
+    )
+    children: list[int] = []
+    try:
+        assert host.stdout is not None
+        children = [int(pid) for pid in host.stdout.readline().split()]
+        assert len(children) == 2, children
+        with_sigkill, with_sigterm = children
+        os.kill(host.pid, signal.SIGKILL)
+        host.wait(10)
+        assert wait_gone([with_sigkill], timeout=10) == []
+        # The default death signal stays pending in a child that blocks it: the hazard.
+        assert wait_gone([with_sigterm], timeout=1) == [with_sigterm]
+        status = dict(
+            line.split(":\t", 1)
+            for line in Path(f"/proc/{with_sigterm}/status").read_text().splitlines()
+        )
+        assert int(status["ShdPnd"], 16) & 1 << (signal.SIGTERM - 1)  # pending, as in issue 12
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        reap(children)
+
+
+def test_terminate_continues_a_stopped_child_so_its_sigterm_handler_runs(emu_run: Any) -> None:
+    from emucore.process import spawn, terminate
+
+    handles = ";".join(
+        [
+            "import signal, sys, time",
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))",
+            "print(1, flush=True)",
+            "time.sleep(600)",
+        ]
+    )
+
+    async def body() -> None:
+        child = await spawn([sys.executable, "-c", handles], output=asyncio.subprocess.PIPE)
+        assert child.stdout is not None
+        await child.stdout.readline()  # the handler is in place
+        child.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        assert await terminate(child, grace=20) == 3  # its own exit, not the SIGKILL
+        assert time.monotonic() - began < 10
+
+    emu_run(body())
