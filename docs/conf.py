@@ -41,7 +41,8 @@ nitpick_ignore_regex = [
         "py:class",
         r"(?!emucore\.)([\w.]+\.)?(Awaitable|Sequence|Mapping|Iterable|Callable|Iterator|Any"
         r"|Path|Queue|UUID|TracebackType|T|D|Enum|PluginManager|HookCaller|HookimplMarker"
-        r"|_SubParsersAction|ArgumentParser|AsyncIterator)",
+        r"|_SubParsersAction|ArgumentParser|AsyncIterator|Pattern|Match|Future|StreamReader"
+        r"|StreamWriter|socket|TimerHandle|Server)",
     ),
     ("py:class", r"emucore\.stash\.(T|D)"),
 ]
@@ -62,6 +63,9 @@ SHORT_NAMES = {
     "EmulatorProperties": "emucore.records.EmulatorProperties",
     "Stash": "emucore.stash.Stash",
     "NodeEvent": "emucore.models.NodeEvent",
+    "LabImage": "emucore.records.LabImage",
+    "TelnetConsole": "emucore.telnet.TelnetConsole",
+    "ConsoleError": "emucore.telnet.ConsoleError",
     "NodeStatus": "emucore.models.NodeStatus",
     "NodeStateError": "emucore.errors.NodeStateError",
     "NodeError": "emucore.errors.NodeError",

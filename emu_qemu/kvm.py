@@ -33,7 +33,7 @@ from emucore.convert import structure
 from emucore.errors import ConfigError, EmuError, NodeError
 from emucore.models import HostSettings
 from emucore.node import Node
-from emucore.paths import cache_dir
+from emucore.paths import cache_dir, probe_kernels_dir
 from emucore.process import spawn
 from emucore.records import ArgFragment, CheckResult
 from emucore.stash import StashKey
@@ -93,12 +93,12 @@ def kvm_mode(settings: QemuSettings | None) -> str:
 
 
 def probe_kernel(settings: QemuSettings | None) -> Path | None:
-    """The kernel the probe boots: configured, the tiny guest's, or the host's."""
+    """The kernel the probe boots: configured, one in ``<cache>/kernels``
+    (:func:`emucore.paths.probe_kernels_dir`, where emu's tiny guest links its own), or the
+    host's."""
     if settings and settings.kvm_probe_kernel:
         return Path(settings.kvm_probe_kernel)
-    candidates = sorted(
-        glob.glob(str(cache_dir() / "tiny-guest" / "**" / "vmlinuz*"), recursive=True)
-    )
+    candidates = sorted(glob.glob(str(probe_kernels_dir() / "*")))
     candidates += sorted(glob.glob("/boot/vmlinuz-*"))
     readable = [Path(c) for c in candidates if os.access(c, os.R_OK)]
     return readable[-1] if readable else None

@@ -27,6 +27,7 @@ from types import MappingProxyType
 import attrs
 
 from emucore.errors import EmuError
+from emucore.paths import probe_kernels_dir
 
 READY_MARKER = "EMU-GUEST-READY"
 PROMPT = "emu-guest# "
@@ -140,7 +141,18 @@ def build_tiny_guest(cache_dir: Path | None = None) -> TinyGuest:
         _check_load_order(modules)
         busybox = _busybox_binary(cache)
         initrd = _initramfs(cache, busybox, modules)
+        _offer_for_probes(kernel)
     return TinyGuest(kernel=kernel, initrd=initrd, version=version)
+
+
+def _offer_for_probes(kernel: Path) -> None:
+    """Link the kernel into emu's probe kernels (QEMU's KVM probe boots one of them)."""
+    link = probe_kernels_dir() / "tiny-guest-vmlinuz"
+    with contextlib.suppress(OSError):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not (link.is_symlink() and link.resolve() == kernel.resolve()):
+            link.unlink(missing_ok=True)
+            link.symlink_to(kernel.absolute())
 
 
 def default_cache_dir() -> Path:

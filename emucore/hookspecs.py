@@ -33,9 +33,9 @@ and the field, file or adapter concerned. Anything else is wrapped in a ``NodeEr
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from emucore.models import HostSettings, Nio
     from emucore.node import Node
-    from emucore.records import ArgFragment, CheckResult, EmulatorInfo
+    from emucore.records import ArgFragment, CheckResult, EmulatorInfo, LabImage
 
 hookspec = pluggy.HookspecMarker("emucore")
 
@@ -71,6 +71,30 @@ def emu_check(settings: HostSettings) -> Sequence[CheckResult] | Awaitable[Seque
     Results of all implementations are collected. May be async.
     """
     raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def emu_lab_image(
+    image: str, node: str, table: Mapping[str, Any], settings: HostSettings
+) -> LabImage | None:
+    """Say what a lab's ``image = NAME`` stands for (``emu run`` asks before creating nodes).
+
+    An image plugin turns a short name into a whole node description, so a lab can write
+    ``image = "tiny"`` instead of a kernel, an initrd and a command line. It may read keys
+    of its own from the table (the tiny guest's ``ip``, ``ips``, ``gateway``) and must
+    remove them from the description it returns.
+
+    :param image: the name the lab gives.
+    :param node: the node's name (for messages, or a host name for the guest).
+    :param table: the node's table in the lab file, ``image`` included.
+    :param settings: the host's settings.
+    :return: a :class:`~emucore.records.LabImage`, or ``None`` when this plugin does not
+        provide ``image``.
+    :raises ConfigError: a key of the table is wrong for this image; each problem starts
+        with ``$.`` followed by the key, the runner puts the node's path in front.
+
+    The first non-``None`` result wins. Sync.
+    """
 
 
 @hookspec

@@ -6,9 +6,9 @@
 
     [nodes.a]
     emulator = "qemu"
-    image = "tiny"          # the built-in tiny guest (kernel + initramfs)
-    ip = "10.0.0.1/24"      # tiny guest only: eth0's address
-    ips = { eth1 = "10.0.1.1/24" }   # tiny guest only: other interfaces' addresses
+    image = "tiny"          # an image a plugin provides (emu_lab_image): here emu's tiny guest
+    ip = "10.0.0.1/24"      # keys the image reads: eth0's address
+    ips = { eth1 = "10.0.1.1/24" }   # and other interfaces' addresses
 
     [nodes.pc]
     emulator = "vpcs"
@@ -26,15 +26,16 @@
     command = "ping -c 3 10.0.0.2"
     expect = "3 packets received"
 
-Node tables hold the emulator's own properties (for QEMU, GNS3's names); validation errors
-name the file, the node or link, and the field.
+Node tables hold the emulator's own properties (for QEMU, GNS3's names), or an ``image``
+that a plugin turns into them; validation errors name the file, the node or link, and the
+field. This module names no emulator and no image.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import attrs
@@ -44,9 +45,6 @@ from emucore.errors import ConfigError
 from emucore.models import LinkFilters
 from emucore.validators import matches, printable
 
-TINY = "tiny"
-# Lab-level keys of a tiny-guest node, turned into its kernel command line.
-TINY_KEYS = ("image", "ip", "ips", "gateway")
 # A node's name is also the first half of an endpoint ("node:adapter") and a host name.
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _ENDPOINT = r"[^:\s]+(:\d+)?"
@@ -175,15 +173,3 @@ def _unknown_node(lab: LabSpec, name: str, path: str) -> list[str]:
         return []
     known = ", ".join(sorted(lab.nodes)) or "none"
     return [f"{path}: no node named {name!r} (nodes: {known})"]
-
-
-def tiny_guest_node(
-    table: Mapping[str, Any], kernel: Path, initrd: Path, command_line: str
-) -> dict[str, Any]:
-    """A QEMU node table using the tiny guest: ``image``, ``ip``, ``gateway`` replaced by
-    the kernel, initrd and kernel command line."""
-    node = {k: v for k, v in table.items() if k not in TINY_KEYS}
-    node.setdefault("ram", 128)
-    node.setdefault("adapter_type", "virtio-net-pci")
-    node.update(kernel_image=str(kernel), initrd=str(initrd), kernel_command_line=command_line)
-    return node

@@ -17,6 +17,12 @@ def cache_dir() -> Path:
     return Path(base) / "emu"
 
 
+def probe_kernels_dir() -> Path:
+    """``<cache>/kernels``: Linux kernels that plugins may boot to probe the host (a
+    functional KVM check); whoever builds a kernel may link it here."""
+    return cache_dir() / "kernels"
+
+
 def search_dirs(extra: Sequence[Path] = ()) -> list[Path]:
     """Where programs are looked up: ``extra`` (a host's ``binary_dirs``), then ``PATH``."""
     path = [Path(entry) for entry in os.environ.get("PATH", "").split(os.pathsep) if entry]

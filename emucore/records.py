@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
+
+from emucore.telnet import TelnetConsole
+
+if TYPE_CHECKING:
+    from emucore.node import Node
 
 
 class EmulatorProperties(Protocol):
@@ -72,3 +78,25 @@ class CheckResult:
     subject: str
     ok: bool
     detail: str
+
+
+@attrs.frozen
+class LabImage:
+    """What ``image = NAME`` in a lab's node table stands for, returned by ``emu_lab_image``.
+
+    :ivar description: the node's description with the image's keys replaced: the emulator,
+        and the properties that boot the image (for a kernel image: kernel, initrd and
+        command line), plus the table's other keys.
+    :ivar image_dirs: directories the files the description names live in; the host adds
+        them to its image directories for this lab.
+    :ivar emulator_settings: settings the image suggests per emulator kind (e.g. a kernel
+        for QEMU's KVM probe); the host's own settings win.
+    :ivar open_shell: how a check reaches a shell prompt on the node's console, for images
+        whose shell needs more than pressing Enter (``None``: the runner presses Enter and
+        waits for a prompt).
+    """
+
+    description: Mapping[str, Any]
+    image_dirs: tuple[Path, ...] = ()
+    emulator_settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    open_shell: Callable[[Node], Awaitable[TelnetConsole]] | None = None

@@ -8,15 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import ipaddress
 import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import attrs
+import pluggy
 
 from emucore.errors import ConfigError, EmuError
 from emucore.files import (
@@ -28,11 +28,12 @@ from emucore.files import (
     private_dir,
     write_atomic,
 )
-from emucore.lab import TINY, CheckSpec, LabSpec, parse_endpoint, tiny_guest_node
+from emucore.lab import CheckSpec, LabSpec, parse_endpoint
 from emucore.links import Link
 from emucore.models import HostSettings, Project
 from emucore.node import Node
 from emucore.pcap import icmp_echoes, read_frames
+from emucore.plugins import make_plugin_manager
 from emucore.relay import SIDES
 from emucore.session import Session
 from emucore.telnet import TelnetConsole
@@ -153,7 +154,8 @@ class LabRunner:
         self._base_settings = settings or HostSettings()
         self.session: Session | None = None
         self.links: list[Link] = []
-        self._tiny_nodes: set[str] = set()
+        # Nodes whose image says how to reach their shell (see LabImage.open_shell).
+        self._shells: dict[str, Callable[[Node], Awaitable[TelnetConsole]]] = {}
         self.started_ok = False
 
     # -- building ---------------------------------------------------------------------------
@@ -170,22 +172,16 @@ class LabRunner:
         return private_dir(self.lab_file.absolute().parent, ".emu", self.lab.name)
 
     def build(self) -> Session:
-        """Validate every node against its emulator and create the session (nothing runs)."""
-        settings = self._base_settings
-        tables = dict(self.lab.nodes)
-        if any(table.get("image") == TINY for table in tables.values()):
-            tables, settings = self._with_tiny_guest(tables, settings)
-        self.session = Session(
-            Project.for_directory(self.project_dir, self.lab.name), settings=settings
-        )
-        problems: list[str] = []
+        """Validate every node against its emulator and create the session (nothing runs).
+
+        A node with ``image = NAME`` is described by the plugin that provides that image
+        (``emu_lab_image``).
+        """
+        plugins = make_plugin_manager(blocked=self._base_settings.blocked_plugins)
+        tables, settings, problems = self._resolve_images(plugins)
+        project = Project.for_directory(self.project_dir, self.lab.name)
+        self.session = Session(project, settings=settings, plugins=plugins)
         for name, table in tables.items():
-            if "image" in table and table.get("image") != TINY:
-                problems.append(
-                    f"$.nodes.{name}.image: only {TINY!r} is built in;"
-                    " use the emulator's image properties"
-                )
-                continue
             try:
                 self.session.add_node({**table, "name": name})
             except ConfigError as exc:
@@ -204,31 +200,44 @@ class LabRunner:
             raise ConfigError(str(self.lab_file), problems)
         return self.session
 
-    def _with_tiny_guest(
-        self, tables: dict[str, Mapping[str, Any]], settings: HostSettings
-    ) -> tuple[dict[str, Mapping[str, Any]], HostSettings]:
-        from emu_tests.guest import build_tiny_guest
-
-        guest = build_tiny_guest()
-        result: dict[str, Mapping[str, Any]] = {}
-        for name, table in tables.items():
-            if table.get("image") != TINY:
-                result[name] = table
+    def _resolve_images(
+        self, plugins: pluggy.PluginManager
+    ) -> tuple[dict[str, Mapping[str, Any]], HostSettings, list[str]]:
+        """Each node's description, with ``image = NAME`` resolved by its plugin; the host
+        settings with the images' directories (and suggested emulator settings) added."""
+        settings = self._base_settings
+        tables: dict[str, Mapping[str, Any]] = {}
+        dirs = list(settings.image_dirs)
+        suggested: dict[str, dict[str, Any]] = {}
+        problems: list[str] = []
+        for name, table in self.lab.nodes.items():
+            image, where = table.get("image"), f"$.nodes.{name}"
+            if image is None:
+                tables[name] = table
                 continue
-            self._tiny_nodes.add(name)
-            problems = _tiny_addresses(table, f"$.nodes.{name}")
-            if problems:
-                raise ConfigError(str(self.lab_file), problems)
-            ips = table.get("ips", {})
             try:
-                command_line = guest.kernel_command_line(
-                    ip=table.get("ip"), gateway=table.get("gateway"), hostname=name, extra_ips=ips
+                found = plugins.hook.emu_lab_image(
+                    image=image, node=name, table=table, settings=settings
                 )
-            except (ValueError, TypeError) as exc:
-                raise ConfigError(str(self.lab_file), [f"$.nodes.{name}: {exc}"]) from None
-            result[name] = tiny_guest_node(table, guest.kernel, guest.initrd, command_line)
-        dirs = (*settings.image_dirs, guest.kernel.parent, guest.initrd.parent)
-        return result, attrs.evolve(settings, image_dirs=dirs)
+            except ConfigError as exc:
+                problems += [p.replace("$", where, 1) for p in exc.problems]
+                continue
+            if found is None:
+                problems.append(
+                    f"{where}.image: no plugin provides the image {image!r};"
+                    " describe the node with its emulator's properties instead"
+                )
+                continue
+            tables[name] = found.description
+            dirs += [d for d in found.image_dirs if d not in dirs]
+            for kind, values in found.emulator_settings.items():
+                suggested.setdefault(kind, {}).update(values)
+            if found.open_shell is not None:
+                self._shells[name] = found.open_shell
+        emulators = {kind: dict(values) for kind, values in suggested.items()}
+        for kind, values in settings.emulators.items():  # the host's own settings win
+            emulators[kind] = {**emulators.get(kind, {}), **values}
+        return tables, attrs.evolve(settings, image_dirs=tuple(dirs), emulators=emulators), problems
 
     # -- running ----------------------------------------------------------------------------
 
@@ -331,10 +340,9 @@ class LabRunner:
         return outcomes
 
     async def _run_on_console(self, node: Node, spec: CheckSpec) -> str:
-        if node.name in self._tiny_nodes:
-            from emu_tests.console import open_guest_console
-
-            console = await open_guest_console(node)
+        open_shell = self._shells.get(node.name)
+        if open_shell is not None:
+            console = await open_shell(node)
             try:
                 _, output = await console.run(spec.command, timeout=spec.timeout)
                 return output
@@ -421,37 +429,6 @@ class LabRunner:
         (self.project_dir / STATE_NAME).unlink(missing_ok=True)
 
 
-_INTERFACE = re.compile(r"[a-z][a-z0-9]{0,14}")
-
-
-def _tiny_addresses(table: Mapping[str, Any], path: str) -> list[str]:
-    """Check a tiny-guest node's ``ip``, ``ips`` and ``gateway`` on the host (the guest would
-    only complain on its console, and they end up on its kernel command line)."""
-    ips = table.get("ips", {})
-    if not isinstance(ips, Mapping):
-        return [f'{path}.ips: must be a table of interface = "address/prefix"']
-    problems = [
-        f"{path}.ips: {name!r} is not an interface name (a-z, then a-z or 0-9, at most 15)"
-        for name in ips
-        if not isinstance(name, str) or not _INTERFACE.fullmatch(name)
-    ]
-    if problems:
-        return problems
-    addresses = {"ip": table.get("ip")} | {f"ips.{name}": value for name, value in ips.items()}
-    problems = [
-        f"{path}.{key}: must be address/prefix, e.g. 10.0.0.1/24; got {value!r}"
-        for key, value in addresses.items()
-        if value is not None and not _interfaces(value)
-    ]
-    gateway = table.get("gateway")
-    if gateway is not None:
-        try:
-            ipaddress.ip_address(str(gateway))
-        except ValueError:
-            problems.append(f"{path}.gateway: must be an IP address; got {gateway!r}")
-    return problems
-
-
 _PCAP_MAGICS = (
     b"\xa1\xb2\xc3\xd4",
     b"\xd4\xc3\xb2\xa1",
@@ -466,13 +443,3 @@ def _is_capture(path: Path) -> bool:
     with path.open("rb") as handle:
         head = handle.read(4)
     return head == b"" or head in _PCAP_MAGICS
-
-
-def _interfaces(value: object) -> bool:
-    """Whether ``value`` is comma-separated address/prefix items (``10.0.0.1/24,fd00::1/64``)."""
-    if not isinstance(value, str):
-        return False
-    try:
-        return all("/" in item and ipaddress.ip_interface(item) for item in value.split(","))
-    except ValueError:
-        return False
