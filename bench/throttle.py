@@ -30,7 +30,7 @@ from pathlib import Path
 
 import benchlib
 
-from emu_qemu.process import qemu_pid
+from emu_qemu.contract import qemu_pid
 from emu_qemu.throttle import Throttling, set_cpu_throttling, throttling_of
 from emu_tests.console import open_guest_console
 from emucore.cgroups import CgroupError, find_hierarchy, probe

@@ -45,6 +45,7 @@ nitpick_ignore_regex = [
         r"|StreamWriter|socket|TimerHandle|Server)",
     ),
     ("py:class", r"emucore\.stash\.(T|D)"),
+    ("py:class", r"emucore\.(hooks\.F|node\.P|node\.S)"),
 ]
 
 # Hook specs import their argument types under TYPE_CHECKING, so autodoc sees bare names:
@@ -60,7 +61,6 @@ SHORT_NAMES = {
     "ArgFragment": "emucore.records.ArgFragment",
     "CheckResult": "emucore.records.CheckResult",
     "EmulatorInfo": "emucore.records.EmulatorInfo",
-    "EmulatorProperties": "emucore.records.EmulatorProperties",
     "Stash": "emucore.stash.Stash",
     "NodeEvent": "emucore.models.NodeEvent",
     "LabImage": "emucore.records.LabImage",

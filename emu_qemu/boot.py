@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from emu_qemu import positions
+from emu_qemu.contract import QemuNode
 from emu_qemu.images import resolve_image
 from emucore import hookimpl
 from emucore.errors import ConfigError
-from emucore.node import Node
 from emucore.records import ArgFragment
 
 EMULATOR = "qemu"
 
 
 @hookimpl(trylast=True)
-def emu_node_created(node: Node) -> None:
+def emu_node_created(node: QemuNode) -> None:
     """An initrd or a kernel command line needs a kernel; images must exist and be allowed."""
     props = node.properties
     problems = [
@@ -31,7 +31,7 @@ def emu_node_created(node: Node) -> None:
 
 
 @hookimpl(trylast=True)
-def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+def emu_build_args(node: QemuNode) -> Sequence[ArgFragment]:
     """``-boot order=``, then ``-bios``, ``-kernel``, ``-initrd``, ``-append`` when set.
 
     These options take a plain path (not an option string), so nothing needs escaping.

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emu_qemu.qmp import monitor_of
+from emu_qemu.contract import QemuNode, monitor_of
 from emucore import hookimpl
-from emucore.node import Node
 
 EMULATOR = "qemu"
 
@@ -23,7 +22,7 @@ def filter_id(adapter: int) -> str:
 
 
 @hookimpl(trylast=True)
-async def emu_capture(node: Node, adapter: int, path: Path) -> bool:
+async def emu_capture(node: QemuNode, adapter: int, path: Path) -> bool:
     """Add a ``filter-dump`` writing pcap to ``path``."""
     arguments = {"qom-type": "filter-dump", "id": filter_id(adapter), "netdev": f"nic{adapter}"}
     await monitor_of(node).execute("object-add", arguments | {"file": str(path)})
@@ -31,6 +30,6 @@ async def emu_capture(node: Node, adapter: int, path: Path) -> bool:
 
 
 @hookimpl(trylast=True)
-async def emu_stop_capture(node: Node, adapter: int) -> None:
+async def emu_stop_capture(node: QemuNode, adapter: int) -> None:
     """Remove the filter; QEMU closes the file."""
     await monitor_of(node).execute("object-del", {"id": filter_id(adapter)})

@@ -25,14 +25,13 @@ from collections.abc import Sequence
 import attrs
 
 from emu_qemu import positions
+from emu_qemu.contract import CONSOLE_PORT, QemuNode, console_port, monitor_of
 from emu_qemu.qemuopts import opts
-from emu_qemu.qmp import monitor_of
 from emucore import hookimpl
 from emucore.claims import claim_tcp_port
 from emucore.consoles import SocketConsole
 from emucore.errors import NodeError
 from emucore.models import ConsoleInfo, NodeStatus
-from emucore.node import Node
 from emucore.records import ArgFragment
 from emucore.stash import StashKey
 from emucore.telnetd import TelnetServer
@@ -60,11 +59,10 @@ class HostConsole:
     telnet: TelnetServer
 
 
-_CHOSEN_PORT = StashKey[int]()
 CONSOLE = StashKey[HostConsole]()
 
 
-def _free_tcp_port(node: Node) -> int:
+def _free_tcp_port(node: QemuNode) -> int:
     host = node.settings.console_host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -80,18 +78,7 @@ def _free_tcp_port(node: Node) -> int:
         return port
 
 
-def console_port(node: Node) -> int:
-    """The console port the command line asks for: the telnet port the host holds, the
-    node's, one chosen at prepare time, or 0 (QEMU picks; ``node.console`` has the real
-    port once the node runs)."""
-    held = node.stash.get(CONSOLE, None)
-    if held is not None:
-        return held.telnet.port
-    chosen: int = node.properties.console or node.stash.get(_CHOSEN_PORT, 0)
-    return chosen
-
-
-def _unix_listener(node: Node) -> socket.socket:
+def _unix_listener(node: QemuNode) -> socket.socket:
     """A UNIX socket listening on ``console.sock`` in the node directory (reached through a
     directory fd when the path is longer than a socket address may be)."""
     path = node.directory / SOCKET_NAME
@@ -115,7 +102,7 @@ def _unix_listener(node: Node) -> socket.socket:
     return listener
 
 
-async def _open_host_console(node: Node) -> HostConsole:
+async def _open_host_console(node: QemuNode) -> HostConsole:
     host, port = node.settings.console_host, node.properties.console or 0
     try:
         telnet = await TelnetServer.bind(node.name, host, port)
@@ -136,30 +123,31 @@ async def _open_host_console(node: Node) -> HostConsole:
 
 
 @hookimpl(trylast=True)
-def emu_node_created(node: Node) -> None:
+def emu_node_created(node: QemuNode) -> None:
     """A fixed console port belongs to one node at a time."""
     if node.properties.console and node.properties.console_type != "none":
         claim_tcp_port(node, node.properties.console, "console")
 
 
 @hookimpl(trylast=True)
-async def emu_prepare(node: Node) -> None:
+async def emu_prepare(node: QemuNode) -> None:
     """At a start: take the telnet port and the guest's console socket (QEMU needs both
     before it runs). SPICE, or options using ``%console-port%``, get a free port chosen now
     (QEMU cannot pick one itself there)."""
-    node.stash.pop(_CHOSEN_PORT, None)
+    node.stash.pop(CONSOLE_PORT, None)
     props = node.properties
     if props.console_type == "telnet" and node.status is NodeStatus.STARTING:
-        node.stash[CONSOLE] = await _open_host_console(node)
+        held = node.stash[CONSOLE] = await _open_host_console(node)
+        node.stash[CONSOLE_PORT] = held.telnet.port
         return
     if props.console or props.console_type in ("none", "telnet"):
         return
     if props.console_type == "spice" or "%console-port%" in props.options:
-        node.stash[_CHOSEN_PORT] = _free_tcp_port(node)
+        node.stash[CONSOLE_PORT] = _free_tcp_port(node)
 
 
 @hookimpl(trylast=True)
-def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+def emu_build_args(node: QemuNode) -> Sequence[ArgFragment]:
     """The console's options (see the module docstring)."""
     props = node.properties
     host = node.settings.console_host
@@ -185,7 +173,7 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
 
 
 @hookimpl(trylast=True)
-async def emu_started(node: Node) -> None:
+async def emu_started(node: QemuNode) -> None:
     """Serve the telnet console once QEMU is connected, or read the real VNC/SPICE port from
     QEMU; publish it as ``node.console``."""
     props = node.properties
@@ -209,7 +197,7 @@ async def emu_started(node: Node) -> None:
 
 
 @hookimpl(trylast=True)
-async def emu_stopped(node: Node) -> None:
+async def emu_stopped(node: QemuNode) -> None:
     """QEMU is gone: read what it printed last, disconnect the console's clients and
     release the port and the socket."""
     held = node.stash.pop(CONSOLE, None)

@@ -29,13 +29,13 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import attrs
 
 from emucore.files import create_file
-from emucore.process import spawn, terminate
+from emucore.process import Supervised, spawn
 
 LOG_NAME = "cpulimit.log"
 
@@ -48,25 +48,24 @@ class CpulimitError(Exception):
 class Cpulimit:
     """cpulimit throttling a process, under its guard.
 
-    :ivar guard: the guard process (its stdin is the host's end of the line).
+    :ivar guard: the guard process, supervised (its stdin is the host's end of the line).
     :ivar pid: cpulimit's pid.
     :ivar percent: the limit, in % of one CPU.
     :ivar pidfd: a pidfd of cpulimit, to see it gone (``None`` once it was).
     """
 
-    guard: asyncio.subprocess.Process
+    guard: Supervised
     pid: int
     percent: int
     pidfd: int | None = None
 
     async def stop(self, timeout: float = 5.0) -> None:
         """End cpulimit and continue its target; bounded (the guard is killed at worst)."""
-        if self.guard.stdin is not None:
-            self.guard.stdin.close()
-        try:
-            await asyncio.wait_for(self.guard.wait(), timeout)
-        except TimeoutError:
-            await terminate(self.guard, grace=1.0)
+        self.guard.stopping = True  # an end asked for, not reported
+        if self.guard.process.stdin is not None:
+            self.guard.process.stdin.close()
+        if await self.guard.wait(timeout) is None:
+            await self.guard.stop(grace=1.0)
         await self.gone(timeout)
 
     async def gone(self, timeout: float = 5.0) -> None:
@@ -98,7 +97,12 @@ def limit_for(percent: int) -> int | None:
 
 
 async def start_cpulimit(
-    executable: str, target: int, percent: int, directory: Path, timeout: float = 10.0
+    executable: str,
+    target: int,
+    percent: int,
+    directory: Path,
+    timeout: float = 10.0,
+    on_exit: Callable[[int], None] | None = None,
 ) -> Cpulimit:
     """Throttle ``target`` to ``percent`` % of one CPU with cpulimit, under a guard.
 
@@ -107,14 +111,19 @@ async def start_cpulimit(
     :param percent: cpulimit's ``-l`` (see :func:`limit_for`).
     :param directory: where the guard runs and ``cpulimit.log`` goes.
     :param timeout: seconds the guard gets to report cpulimit's pid.
+    :param on_exit: called with the guard's exit code when it ends on its own.
     :raises CpulimitError: the guard did not report a pid.
     """
     command = [executable, "-p", str(target), "-l", str(percent), "-z"]
     argv = [sys.executable, "-m", "emu_qemu.cpulimit", str(target), LOG_NAME, "--", *command]
-    guard = await spawn(
-        argv, cwd=directory, output=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.PIPE
+    guard = await Supervised.start(
+        argv,
+        cwd=directory,
+        output=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE,
+        on_exit=on_exit,
     )
-    output = guard.stdout
+    output = guard.process.stdout
     line = b""
     if output is not None:
         with contextlib.suppress(TimeoutError):

@@ -9,57 +9,31 @@ read-only by QEMU and by every qemu-img call here, and is never repaired or writ
 from __future__ import annotations
 
 import os
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import attrs
-
 from emu_qemu import positions, qemuimg
-from emu_qemu.binary import binary_of
 from emu_qemu.chain import check_image_chain, referenced_files
+from emu_qemu.contract import DISKS, PreparedDisk, QemuNode, binary
 from emu_qemu.images import resolve_image, sniff_format
 from emu_qemu.properties import DRIVES
 from emu_qemu.qemuopts import opts
 from emucore import hookimpl
 from emucore.errors import ConfigError, ImageError
 from emucore.files import UnsafePathError, check_regular
-from emucore.node import Node
 from emucore.records import ArgFragment
-from emucore.stash import StashKey
 
 EMULATOR = "qemu"
 
 _X86 = ("x86_64", "i386")
 
 
-@attrs.frozen
-class PreparedDisk:
-    """A disk as QEMU will open it.
-
-    :ivar drive: ``a``..``d``, or ``cdrom``.
-    :ivar path: the overlay (linked clone) or the image itself.
-    :ivar format: the format of ``path``.
-    :ivar base: the base image (same as ``path`` without linked clone).
-    """
-
-    drive: str
-    path: Path
-    format: str
-    base: Path
-
-
-DISKS = StashKey[dict[str, PreparedDisk]]()
-
-# Images used directly (linked_clone = false), by resolved path → the node id using them.
-_exclusive: dict[Path, str] = {}
-
-
-def overlay_path(node: Node, drive: str) -> Path:
+def overlay_path(node: QemuNode, drive: str) -> Path:
     """Where the linked clone of ``hd<drive>`` lives."""
     return node.directory / f"hd{drive}_disk.qcow2"
 
 
-def _images(node: Node) -> dict[str, Path]:
+def _images(node: QemuNode) -> dict[str, Path]:
     props = node.properties
     return {
         drive: resolve_image(node, f"hd{drive}_disk_image", props.disk_image(drive))
@@ -68,13 +42,10 @@ def _images(node: Node) -> dict[str, Path]:
     }
 
 
-@hookimpl(wrapper=True, trylast=True)
-def emu_node_created(node: Node) -> Generator[None, None, None]:
-    """Resolve the images now, refuse unusable interfaces, and claim exclusive images.
-
-    A wrapper: the claim is made only after every other plugin accepted the node, so a node
-    refused by someone else leaves no claim behind.
-    """
+@hookimpl(trylast=True)
+def emu_node_created(node: QemuNode) -> None:
+    """Resolve the images now, refuse unusable interfaces, and claim the images used
+    without linked clones (one node at a time; the session releases the claims)."""
     props = node.properties
     problems = []
     for drive in DRIVES:
@@ -90,37 +61,23 @@ def emu_node_created(node: Node) -> Generator[None, None, None]:
     if props.cdrom_image:
         resolve_image(node, "cdrom_image", props.cdrom_image)
     if props.linked_clone:
-        yield
         return
-    mine = str(node.config.id)
     for drive, image in images.items():
-        owner = _exclusive.get(image.resolve())
-        if owner is not None and owner != mine:
+        other = node.claims.take(node, "image used without linked clone", image.resolve())
+        if other is not None:
             raise ImageError(
                 node.name,
-                f"hd{drive}_disk_image: {image} is already used by another node without"
+                f"hd{drive}_disk_image: {image} is already used by node {other.name!r} without"
                 " linked_clone; a node without linked clones needs its own image"
                 " (copy it, or set linked_clone = true)",
             )
-    yield
-    for image in images.values():
-        _exclusive[image.resolve()] = mine
 
 
 @hookimpl(trylast=True)
-def emu_close(node: Node) -> None:
-    """Release the images this node used exclusively."""
-    mine = str(node.config.id)
-    for image, owner in list(_exclusive.items()):
-        if owner == mine:
-            del _exclusive[image]
-
-
-@hookimpl(trylast=True)
-async def emu_prepare_disks(node: Node) -> None:
+async def emu_prepare_disks(node: QemuNode) -> None:
     """Check every image's chain, create or reuse linked clones, rebase moved bases, check
     overlays and bases."""
-    qemu_img = qemuimg.find_qemu_img(binary_of(node).path)
+    qemu_img = qemuimg.find_qemu_img(binary(node).path)
     prepared: dict[str, PreparedDisk] = {}
     for drive, base in _images(node).items():
         field = f"hd{drive}_disk_image"
@@ -139,7 +96,7 @@ async def emu_prepare_disks(node: Node) -> None:
     node.stash[DISKS] = prepared
 
 
-async def _check_base(node: Node, qemu_img: str, drive: str, base: Path, fmt: str) -> None:
+async def _check_base(node: QemuNode, qemu_img: str, drive: str, base: Path, fmt: str) -> None:
     done = await qemuimg.check_base(qemu_img, base, fmt)
     if done.returncode == qemuimg.CHECK_CORRUPT:
         message = (
@@ -152,7 +109,7 @@ async def _check_base(node: Node, qemu_img: str, drive: str, base: Path, fmt: st
         node.emit("warning", f"hd{drive}_disk_image: base image {base} has leaked clusters")
 
 
-async def _linked_clone(node: Node, qemu_img: str, drive: str, base: Path, fmt: str) -> Path:
+async def _linked_clone(node: QemuNode, qemu_img: str, drive: str, base: Path, fmt: str) -> Path:
     overlay = overlay_path(node, drive)
     what = f"hd{drive}: the linked clone"
     try:
@@ -200,11 +157,11 @@ async def _linked_clone(node: Node, qemu_img: str, drive: str, base: Path, fmt: 
     return overlay
 
 
-def _platform(node: Node) -> str:
-    return binary_of(node).platform
+def _platform(node: QemuNode) -> str:
+    return binary(node).platform
 
 
-def _disk_for(node: Node, drive: str) -> tuple[Path, str]:
+def _disk_for(node: QemuNode, drive: str) -> tuple[Path, str]:
     """The file QEMU opens for a drive and its format, prepared or (dry run) predicted."""
     prepared = node.stash.get(DISKS, {}).get(drive)
     if prepared is not None:  # found, checked and opened by emu_prepare_disks at this start
@@ -219,7 +176,7 @@ def _disk_for(node: Node, drive: str) -> tuple[Path, str]:
 
 
 @hookimpl(trylast=True)
-def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+def emu_build_args(node: QemuNode) -> Sequence[ArgFragment]:
     """One ``-drive`` (plus controller and ``-device`` where needed) per disk, and the cdrom."""
     props = node.properties
     x86 = _platform(node) in _X86

@@ -26,13 +26,13 @@ from pathlib import Path
 import attrs
 
 from emu_qemu import positions
-from emu_qemu.binary import QemuBinary, binary_of
-from emu_qemu.properties import QemuSettings
+from emu_qemu.contract import QemuNode, binary
+from emu_qemu.properties import QemuProperties, QemuSettings
+from emu_qemu.qemubinary import QemuBinary, find_binary
 from emucore import hookimpl
 from emucore.convert import structure
 from emucore.errors import ConfigError, EmuError, NodeError
 from emucore.models import HostSettings
-from emucore.node import Node
 from emucore.paths import cache_dir, probe_kernels_dir
 from emucore.process import spawn
 from emucore.records import ArgFragment, CheckResult
@@ -230,23 +230,23 @@ async def choose_accel(binary: QemuBinary, settings: QemuSettings | None, node: 
 
 
 @hookimpl(trylast=True)
-async def emu_prepare(node: Node) -> None:
+async def emu_prepare(node: QemuNode) -> None:
     """Decide the accelerator for this start; warn when KVM was wanted but is not usable."""
-    accel = await choose_accel(binary_of(node), node.emulator_settings, node.name)
+    accel = await choose_accel(binary(node), node.emulator_settings, node.name)
     node.stash[ACCEL] = accel
     if accel.name == "tcg" and kvm_mode(node.emulator_settings) == "auto":
         node.emit("warning", accel.reason, host_wide=True)
 
 
 @hookimpl(trylast=True)
-def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+def emu_build_args(node: QemuNode) -> Sequence[ArgFragment]:
     """``-accel kvm|tcg``; x86 under KVM also gets ``-machine smm=off`` (SeaBIOS hangs without)."""
     accel = node.stash.get(ACCEL, None)
     if accel is None:
         # A dry run without emu_prepare: never probe here (it may take seconds).
         accel = Accel("tcg", "not probed")
     args = ["-accel", accel.name]
-    if accel.name == "kvm" and binary_of(node).platform in ("x86_64", "i386"):
+    if accel.name == "kvm" and binary(node).platform in ("x86_64", "i386"):
         args += ["-machine", "smm=off"]
     return [ArgFragment(positions.ACCEL, args, "qemu.accel")]
 
@@ -254,13 +254,10 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
 @hookimpl
 async def emu_check(settings: HostSettings) -> list[CheckResult]:
     """Report the KVM probe's verdict for the default binary, under the host's settings."""
-    from emu_qemu.binary import find_binary
-    from emu_qemu.properties import QemuProperties
-
     try:
         qemu_settings = host_qemu_settings(settings)
-        binary = find_binary(QemuProperties(), qemu_settings, "emu check")
-        accel = await choose_accel(binary, qemu_settings, "emu check")
+        default = find_binary(QemuProperties(), qemu_settings, "emu check")
+        accel = await choose_accel(default, qemu_settings, "emu check")
     except EmuError as exc:
         return [CheckResult("kvm", False, str(exc))]
     if accel.name == "tcg" and kvm_mode(qemu_settings) == "off":

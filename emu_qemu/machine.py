@@ -6,10 +6,10 @@ import contextlib
 from collections.abc import Sequence
 
 from emu_qemu import positions
-from emu_qemu.options import user_argv
+from emu_qemu.contract import QemuNode
 from emu_qemu.qemuopts import opts
+from emu_qemu.userargs import user_argv
 from emucore import hookimpl
-from emucore.node import Node
 from emucore.records import ArgFragment
 
 EMULATOR = "qemu"
@@ -25,7 +25,7 @@ def available_memory_mib() -> int | None:
 
 
 @hookimpl(trylast=True)
-def emu_prepare(node: Node) -> None:
+def emu_prepare(node: QemuNode) -> None:
     """Warn when the host has less free memory than the node asks for."""
     available = available_memory_mib()
     if available is not None and node.properties.ram > available:
@@ -37,7 +37,7 @@ def emu_prepare(node: Node) -> None:
 
 
 @hookimpl(trylast=True)
-def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+def emu_build_args(node: QemuNode) -> Sequence[ArgFragment]:
     """``-name``, ``-uuid`` (unless the user's options set one), ``-m``, ``-smp`` and
     ``-nodefaults -no-user-config -display none``: devices and displays are added by the
     plugins that need them, never by QEMU's defaults or a host config file."""

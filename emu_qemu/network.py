@@ -21,18 +21,17 @@ The guest sees carrier down on an adapter without NIO and after a link suspend (
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from emu_qemu import positions
-from emu_qemu.binary import binary_of
+from emu_qemu.contract import QemuNode, binary, monitor_of
 from emu_qemu.properties import CustomAdapter
 from emu_qemu.qemuopts import opts
-from emu_qemu.qmp import Monitor, monitor_of
+from emu_qemu.qmp import Monitor
 from emucore import hookimpl
 from emucore.errors import ConfigError
 from emucore.models import Nio, TapNio
-from emucore.node import Node
 from emucore.records import ArgFragment
 from emucore.stash import StashKey
 
@@ -47,7 +46,7 @@ _MAC_SPACE = 1 << 48
 _GENERATION = StashKey[dict[int, int]]()
 
 
-def base_mac(node: Node) -> int:
+def base_mac(node: QemuNode) -> int:
     """The node's base MAC address as an integer.
 
     The property ``mac_address`` if set; else locally administered ``02:xx:xx:xx:00:00``
@@ -60,37 +59,21 @@ def base_mac(node: Node) -> int:
     return (0x02 << 40) | (int.from_bytes(digest[:3], "big") << 16)
 
 
-# MAC ranges [base, base + adapters) of the QEMU nodes of each project, by node id: a lab's
-# derived MACs come from a 24-bit hash, so two nodes could meet; they are refused instead.
-_mac_ranges: dict[str, dict[str, tuple[int, int]]] = {}
-
-
-@hookimpl(wrapper=True, trylast=True)
-def emu_node_created(node: Node) -> Generator[None, None, None]:
-    """Refuse a node whose MAC addresses overlap another node's in the project.
-
-    A wrapper: the range is claimed once every plugin accepted the node.
-    """
+@hookimpl(trylast=True)
+def emu_node_created(node: QemuNode) -> None:
+    """Claim the node's MAC range [base, base + adapters) in its project: a lab's derived
+    MACs come from a 24-bit hash, so two nodes could meet; they are refused instead."""
     low = base_mac(node)
     high = low + max(1, len(node.adapters))
-    mine, taken = str(node.config.id), _mac_ranges.setdefault(str(node.project.id), {})
-    for other, (other_low, other_high) in taken.items():
-        if other != mine and low < other_high and other_low < high:
-            raise ConfigError(
-                f"node {node.name!r}",
-                [
-                    f"$.mac_address: MAC addresses {format_mac(low)}..{format_mac(high - 1)}"
-                    " overlap another node's in this project; set mac_address to a free base"
-                ],
-            )
-    yield
-    taken[mine] = (low, high)
-
-
-@hookimpl(trylast=True)
-def emu_close(node: Node) -> None:
-    """Give the node's MAC range back."""
-    _mac_ranges.get(str(node.project.id), {}).pop(str(node.config.id), None)
+    other = node.claims.take_range(node, "MAC addresses", node.project.id, low, high)
+    if other is not None:
+        raise ConfigError(
+            f"node {node.name!r}",
+            [
+                f"$.mac_address: MAC addresses {format_mac(low)}..{format_mac(high - 1)}"
+                f" overlap node {other.name!r}'s in this project; set mac_address to a free base"
+            ],
+        )
 
 
 def format_mac(value: int) -> str:
@@ -98,17 +81,17 @@ def format_mac(value: int) -> str:
     return (value % _MAC_SPACE).to_bytes(6, "big").hex(":")
 
 
-def adapter_mac(node: Node, adapter: int) -> str:
+def adapter_mac(node: QemuNode, adapter: int) -> str:
     """The MAC of ``adapter``: its custom MAC, else base + adapter number."""
     return _mac(base_mac(node), _customs(node).get(adapter), adapter)
 
 
-def adapter_model(node: Node, adapter: int) -> str:
+def adapter_model(node: QemuNode, adapter: int) -> str:
     """The QEMU device of ``adapter`` (GNS3's ``virtio`` is ``virtio-net-pci``)."""
     return _model(node.properties.adapter_type, _customs(node).get(adapter))
 
 
-def _customs(node: Node) -> dict[int, CustomAdapter]:
+def _customs(node: QemuNode) -> dict[int, CustomAdapter]:
     return {custom.adapter_number: custom for custom in node.properties.custom_adapters}
 
 
@@ -143,13 +126,13 @@ def _bridges(adapters: int) -> list[str]:
     return args
 
 
-def nio_netdev(node: Node, nio: Nio, netdev_id: str) -> dict[str, Any]:
+def nio_netdev(node: QemuNode, nio: Nio, netdev_id: str) -> dict[str, Any]:
     """The QMP ``netdev_add`` arguments of a NIO's backend (also used for the command line)."""
     if isinstance(nio, TapNio):
         tap = {"ifname": nio.device, "script": "no", "downscript": "no"}
         return {"type": "tap", "id": netdev_id, **tap}
     local_host = node.settings.udp_host
-    if binary_of(node).version >= (7, 2, 0):
+    if binary(node).version >= (7, 2, 0):
         return {
             "type": "dgram",
             "id": netdev_id,
@@ -187,13 +170,13 @@ def _hub_port(port_id: str, adapter: int, netdev_id: str) -> dict[str, Any]:
 
 
 @hookimpl(trylast=True)
-def emu_prepare(node: Node) -> None:
+def emu_prepare(node: QemuNode) -> None:
     """A new start begins netdev ids afresh."""
     node.stash[_GENERATION] = {}
 
 
 @hookimpl(trylast=True)
-def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+def emu_build_args(node: QemuNode) -> Sequence[ArgFragment]:
     """NICs on hubs, sinks, PCI bridges, and the NIOs connected at start."""
     args = _bridges(len(node.adapters))
     # Computed once, not per adapter: a start must stay fast with 275 adapters.
@@ -214,7 +197,7 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment]:
 
 
 @hookimpl(trylast=True)
-async def emu_started(node: Node) -> None:
+async def emu_started(node: QemuNode) -> None:
     """Carrier down on adapters without NIO or with a suspended link."""
     monitor = monitor_of(node)
     for adapter in node.adapters:
@@ -226,7 +209,7 @@ async def _set_carrier(monitor: Monitor, adapter: int, up: bool) -> None:
     await monitor.execute("set_link", {"name": f"adapter{adapter}", "up": up})
 
 
-async def _add_link(node: Node, adapter: int, nio: Nio) -> None:
+async def _add_link(node: QemuNode, adapter: int, nio: Nio) -> None:
     generations = node.stash.setdefault(_GENERATION, {})
     generations[adapter] = generation = generations.get(adapter, 0) + 1
     link_id, port_id = _link_ids(adapter, generation)
@@ -239,7 +222,7 @@ async def _add_link(node: Node, adapter: int, nio: Nio) -> None:
         raise
 
 
-async def _remove_link(node: Node, adapter: int) -> None:
+async def _remove_link(node: QemuNode, adapter: int) -> None:
     generation = node.stash.setdefault(_GENERATION, {}).get(adapter, 0)
     link_id, port_id = _link_ids(adapter, generation)
     monitor = monitor_of(node)
@@ -247,12 +230,12 @@ async def _remove_link(node: Node, adapter: int) -> None:
     await monitor.execute("netdev_del", {"id": link_id})
 
 
-def _link_up(node: Node, adapter: int) -> bool:
+def _link_up(node: QemuNode, adapter: int) -> bool:
     return node.adapters[adapter].link_up
 
 
 @hookimpl(trylast=True)
-async def emu_attach_nio(node: Node, adapter: int, nio: Nio) -> None:
+async def emu_attach_nio(node: QemuNode, adapter: int, nio: Nio) -> None:
     """Join the NIO's netdev to the adapter's hub; carrier up unless the link is suspended."""
     await _add_link(node, adapter, nio)
     if _link_up(node, adapter):
@@ -260,21 +243,21 @@ async def emu_attach_nio(node: Node, adapter: int, nio: Nio) -> None:
 
 
 @hookimpl(trylast=True)
-async def emu_update_nio(node: Node, adapter: int, old: Nio, new: Nio) -> None:
+async def emu_update_nio(node: QemuNode, adapter: int, old: Nio, new: Nio) -> None:
     """Swap the NIO behind the hub; the guest's NIC and its carrier stay as they are."""
     await _remove_link(node, adapter)
     await _add_link(node, adapter, new)
 
 
 @hookimpl(trylast=True)
-async def emu_detach_nio(node: Node, adapter: int, nio: Nio) -> None:
+async def emu_detach_nio(node: QemuNode, adapter: int, nio: Nio) -> None:
     """Carrier down, then remove the NIO's netdev and its hub port."""
     await _set_carrier(monitor_of(node), adapter, False)
     await _remove_link(node, adapter)
 
 
 @hookimpl(trylast=True)
-async def emu_set_link(node: Node, adapter: int, up: bool) -> None:
+async def emu_set_link(node: QemuNode, adapter: int, up: bool) -> None:
     """Carrier up or down as the guest sees it (a down link also stops all traffic)."""
     has_nio = node.adapters[adapter].nio is not None
     await _set_carrier(monitor_of(node), adapter, up and has_nio)

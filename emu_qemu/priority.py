@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-from emu_qemu.process import qemu_pid
+from emu_qemu.contract import QemuNode, qemu_pid
 from emucore import hookimpl
-from emucore.node import Node
 
 EMULATOR = "qemu"
 
@@ -14,7 +13,7 @@ NICE = {"realtime": -20, "very high": -15, "high": -5, "normal": 0, "low": 5, "v
 
 
 @hookimpl(trylast=True)
-def emu_started(node: Node) -> None:
+def emu_started(node: QemuNode) -> None:
     """renice QEMU; a host that may not raise priority gets a warning, not a failure."""
     pid = qemu_pid(node)
     nice = NICE[node.properties.process_priority]

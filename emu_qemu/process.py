@@ -24,14 +24,13 @@ import attrs
 from qemu.qmp import EventListener
 
 from emu_qemu import positions
-from emu_qemu.properties import QemuSettings
-from emu_qemu.qmp import MONITOR, SOCKET_NAME, Monitor, QmpError, monitor_of
+from emu_qemu.contract import MONITOR, PID, QemuNode, monitor_of
+from emu_qemu.qmp import SOCKET_NAME, Monitor, QmpError
 from emucore import hookimpl
 from emucore.cgroups import NODE_CGROUP, CgroupError
 from emucore.errors import EmulatorExitedError
 from emucore.files import create_file
-from emucore.node import Node
-from emucore.process import log_tail, reap_pidfile, spawn, terminate, write_pidfile
+from emucore.process import Supervised, log_tail
 from emucore.records import ArgFragment
 from emucore.stash import StashKey
 
@@ -47,63 +46,51 @@ COMMAND_LINE = "emu: command line: "
 class QemuProcess:
     """A running QEMU.
 
-    :ivar process: the asyncio process.
-    :ivar watcher: the task waiting for its exit.
+    :ivar supervised: the process, watched (see :class:`emucore.process.Supervised`).
     :ivar events: the task reading QMP events.
-    :ivar stopping: set when emu stops it, so its exit is not reported as a crash.
     :ivar shutdown_reason: the reason of QEMU's last SHUTDOWN event, if any.
     """
 
-    process: asyncio.subprocess.Process
-    watcher: asyncio.Task[None] | None = None
+    supervised: Supervised | None = None
     events: asyncio.Task[None] | None = None
-    stopping: bool = False
     shutdown_reason: str = ""
 
     @property
     def alive(self) -> bool:
         """Whether the process still runs."""
-        return self.process.returncode is None
+        return self.supervised is not None and self.supervised.alive
 
 
 PROCESS = StashKey[QemuProcess]()
 
 
-def _settings(node: Node) -> QemuSettings:
-    settings = node.emulator_settings
-    return settings if isinstance(settings, QemuSettings) else QemuSettings()
-
-
-def qemu_pid(node: Node) -> int | None:
-    """The pid of the node's QEMU while it runs."""
-    running = node.stash.get(PROCESS, None)
-    return running.process.pid if running and running.alive else None
-
-
 @hookimpl(trylast=True)
-def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+def emu_build_args(node: QemuNode) -> Sequence[ArgFragment]:
     """``-S`` (start paused) and QMP on a UNIX socket in the node directory; never HMP or TCP."""
     qmp = f"unix:{SOCKET_NAME},server=on,wait=off"
     return [ArgFragment(positions.CONTROL, ["-S", "-qmp", qmp], "qemu.process")]
 
 
 @hookimpl(trylast=True)
-async def emu_start(node: Node, argv: Sequence[str]) -> None:
+async def emu_start(node: QemuNode, argv: Sequence[str]) -> None:
     """Launch QEMU, connect QMP, release the CPUs."""
-    settings = _settings(node)
+    settings = node.emulator_settings
     directory = node.directory
-    await reap_pidfile(directory / PIDFILE_NAME)
     (directory / SOCKET_NAME).unlink(missing_ok=True)
     log_path = directory / LOG_NAME
+    running = node.stash[PROCESS] = QemuProcess()
     with create_file(log_path) as log:
         log.write(COMMAND_LINE + shlex.join(argv) + "\n")
         log.flush()
-        process = await spawn(argv, cwd=directory, output=log)
-    write_pidfile(directory / PIDFILE_NAME, process.pid, str(directory))
+        running.supervised = process = await Supervised.start(
+            argv,
+            cwd=directory,
+            pidfile=directory / PIDFILE_NAME,
+            output=log,
+            on_exit=lambda returncode: _exited(node, running, returncode, log_path),
+        )
     _join_node_cgroup(node, process.pid)
-    running = QemuProcess(process)
-    node.stash[PROCESS] = running
-    running.watcher = asyncio.get_running_loop().create_task(_watch(node, running, log_path))
+    node.stash[PID] = process.pid
     try:
         monitor = await Monitor.connect(
             directory / SOCKET_NAME,
@@ -112,8 +99,7 @@ async def emu_start(node: Node, argv: Sequence[str]) -> None:
             alive=lambda: running.alive,
         )
     except QmpError as exc:
-        await _wait_briefly(process)
-        raise _start_failed(node, exc, process, log_path) from None
+        raise await _start_failed(node, exc, process, log_path) from None
     node.stash[MONITOR] = monitor
     # Born 0700 under the child's umask 077; 0600 says what it is: read-write, owner only.
     (directory / SOCKET_NAME).chmod(0o600)
@@ -122,11 +108,10 @@ async def emu_start(node: Node, argv: Sequence[str]) -> None:
     try:
         await monitor.execute("cont")
     except QmpError as exc:
-        await _wait_briefly(process)
-        raise _start_failed(node, exc, process, log_path) from None
+        raise await _start_failed(node, exc, process, log_path) from None
 
 
-def _join_node_cgroup(node: Node, pid: int) -> None:
+def _join_node_cgroup(node: QemuNode, pid: int) -> None:
     # Still paused (-S): the guest never runs outside the group. A failure is left to the
     # plugin that made the group, which checks once QEMU runs.
     group = node.stash.get(NODE_CGROUP, None)
@@ -135,11 +120,13 @@ def _join_node_cgroup(node: Node, pid: int) -> None:
             group.add(pid)
 
 
-def _start_failed(
-    node: Node, exc: Exception, process: asyncio.subprocess.Process, log_path: Path
+async def _start_failed(
+    node: QemuNode, exc: Exception, process: Supervised, log_path: Path
 ) -> EmulatorExitedError:
+    # QEMU that failed usually exits within milliseconds: give the exit code a chance.
+    returncode = await process.wait(2)
     return EmulatorExitedError(
-        node.name, f"QEMU did not start: {exc}", process.returncode, qemu_log_tail(log_path)
+        node.name, f"QEMU did not start: {exc}", returncode, qemu_log_tail(log_path)
     )
 
 
@@ -163,12 +150,6 @@ def qemu_log_tail(log_path: Path, lines: int = 20) -> str:
     return "\n".join(kept[-lines:])
 
 
-async def _wait_briefly(process: asyncio.subprocess.Process) -> None:
-    # QEMU that failed usually exits within milliseconds: give the exit code a chance.
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(process.wait(), 2)
-
-
 async def _remember_shutdown(running: QemuProcess, listener: EventListener) -> None:
     # The exit that follows a guest power-off is not a crash: remember why QEMU shut down.
     with contextlib.suppress(Exception):
@@ -177,10 +158,8 @@ async def _remember_shutdown(running: QemuProcess, listener: EventListener) -> N
             running.shutdown_reason = str(data.get("reason", "")) if isinstance(data, dict) else ""
 
 
-async def _watch(node: Node, running: QemuProcess, log_path: Path) -> None:
-    returncode = await running.process.wait()
-    if running.stopping:
-        return
+def _exited(node: QemuNode, running: QemuProcess, returncode: int, log_path: Path) -> None:
+    """QEMU ended on its own: a guest power-off, or a crash."""
     reason = running.shutdown_reason
     if reason == "guest-shutdown":
         node.emulator_exited(returncode, "", "the guest powered off", kind="info")
@@ -189,51 +168,50 @@ async def _watch(node: Node, running: QemuProcess, log_path: Path) -> None:
 
 
 @hookimpl(trylast=True)
-async def emu_stop(node: Node) -> None:
+async def emu_stop(node: QemuNode) -> None:
     """Power the guest off (ACPI, bounded) if asked, then terminate QEMU; clean up."""
     running = node.stash.pop(PROCESS, None)
     monitor = node.stash.pop(MONITOR, None)
-    if running is not None:
-        running.stopping = True
-        if running.alive and monitor is not None and node.properties.on_close == "shutdown_signal":
-            await _acpi_shutdown(node, running, monitor)
-        await terminate(running.process)
-        if running.watcher is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await running.watcher
-        if running.events is not None:
-            running.events.cancel()
+    node.stash.pop(PID, None)
+    process = running.supervised if running is not None else None
+    if process is not None:
+        process.stopping = True
+        if process.alive and monitor is not None and node.properties.on_close == "shutdown_signal":
+            await _acpi_shutdown(node, process, monitor)
+        await process.stop()
+    if running is not None and running.events is not None:
+        running.events.cancel()
     if monitor is not None:
         await monitor.close()
     (node.directory / SOCKET_NAME).unlink(missing_ok=True)
     (node.directory / PIDFILE_NAME).unlink(missing_ok=True)
 
 
-async def _acpi_shutdown(node: Node, running: QemuProcess, monitor: Monitor) -> None:
-    timeout = _settings(node).powerdown_timeout
+async def _acpi_shutdown(node: QemuNode, process: Supervised, monitor: Monitor) -> None:
+    timeout = node.emulator_settings.powerdown_timeout
     try:
         await monitor.execute("system_powerdown")
-        await asyncio.wait_for(running.process.wait(), timeout)
     except QmpError as exc:
         node.emit("warning", f"ACPI shutdown request failed ({exc}); terminating QEMU")
-    except TimeoutError:
+        return
+    if await process.wait(timeout) is None:
         node.emit("warning", f"the guest did not power off within {timeout:g} s; terminating QEMU")
 
 
 @hookimpl(trylast=True)
-async def emu_suspend(node: Node) -> None:
+async def emu_suspend(node: QemuNode) -> None:
     """QMP ``stop``: the guest's CPUs pause."""
     await monitor_of(node).execute("stop")
 
 
 @hookimpl(trylast=True)
-async def emu_resume(node: Node) -> None:
+async def emu_resume(node: QemuNode) -> None:
     """QMP ``cont``."""
     await monitor_of(node).execute("cont")
 
 
 @hookimpl(trylast=True)
-async def emu_reload(node: Node) -> None:
+async def emu_reload(node: QemuNode) -> None:
     """QMP ``system_reset``, then ``cont`` if the VM was paused."""
     monitor = monitor_of(node)
     await monitor.execute("system_reset")

@@ -22,8 +22,7 @@ from emucore.errors import EmuError
 from emucore.paths import cache_dir
 
 # qemu-img check exit codes.
-CHECK_OK, CHECK_ERROR, CHECK_CORRUPT, CHECK_LEAKS = 0, 1, 2, 3
-CHECK_UNSUPPORTED = 63
+CHECK_OK, CHECK_CORRUPT, CHECK_LEAKS = 0, 2, 3
 
 
 class QemuImgError(EmuError):

@@ -23,13 +23,6 @@ def escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def render(value: Value) -> str:
-    """A value as QEMU reads it: booleans as on/off, strings escaped."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return escape(str(value))
-
-
 def opts(head: str | None, pairs: Mapping[str, Value | None]) -> str:
     """``head,key=value,...`` with each value escaped; ``None`` values are left out.
 
@@ -42,7 +35,7 @@ def opts(head: str | None, pairs: Mapping[str, Value | None]) -> str:
             if not _KEY.fullmatch(key):
                 raise ValueError(f"not a QEMU option key: {key!r}")
             _checked_keys.add(key)
-        # render() inlined: this runs for every adapter at every start.
+        # Inlined rather than a helper: this runs for every adapter at every start.
         if value is True:
             items.append(f"{key}=on")
         elif value is False:

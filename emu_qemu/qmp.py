@@ -18,9 +18,7 @@ from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
-from emucore.errors import EmuError, NodeStateError
-from emucore.node import Node
-from emucore.stash import StashKey
+from emucore.errors import EmuError
 
 log = logging.getLogger("emu.qemu.qmp")
 
@@ -117,15 +115,10 @@ class Monitor:
             raise QmpError(f"QMP {command}: connection lost ({exc or type(exc).__name__})") from exc
 
     def listener(self, *names: str) -> EventListener:
-        """A registered listener for the QMP events ``names``; remove it with ``forget``."""
+        """A registered listener for the QMP events ``names``."""
         listener = EventListener(names or None)
         self.client.register_listener(listener)
         return listener
-
-    def forget(self, listener: EventListener) -> None:
-        """Unregister a listener made by :meth:`listener`."""
-        with contextlib.suppress(Exception):
-            self.client.remove_listener(listener)
 
     async def close(self) -> None:
         """Disconnect, swallowing what a dead QEMU makes the client raise."""
@@ -151,17 +144,3 @@ def _close_fd(fd: int | None) -> None:
     if fd is not None:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-MONITOR = StashKey[Monitor]()
-
-
-def monitor_of(node: Node) -> Monitor:
-    """The running node's QMP monitor.
-
-    :raises NodeStateError: the node has no QEMU running.
-    """
-    monitor = node.stash.get(MONITOR, None)
-    if monitor is None:
-        raise NodeStateError(node.name, "QEMU is not running (no QMP connection)")
-    return monitor

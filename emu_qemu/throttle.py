@@ -30,8 +30,8 @@ from pathlib import Path
 
 import attrs
 
+from emu_qemu.contract import QemuNode, qemu_pid
 from emu_qemu.cpulimit import Cpulimit, CpulimitError, limit_for, start_cpulimit
-from emu_qemu.process import qemu_pid
 from emu_qemu.properties import QemuSettings
 from emucore import hookimpl
 from emucore.cgroups import (
@@ -46,7 +46,6 @@ from emucore.cgroups import (
 from emucore.convert import structure
 from emucore.errors import ConfigError, EmuError, NodeError, NodeStateError
 from emucore.models import HostSettings, NodeStatus
-from emucore.node import Node
 from emucore.records import CheckResult
 from emucore.stash import StashKey
 
@@ -78,19 +77,9 @@ class Throttling:
 THROTTLING = StashKey[Throttling]()
 
 
-def throttling_of(node: Node) -> Throttling | None:
+def throttling_of(node: QemuNode) -> Throttling | None:
     """The throttling state of a started QEMU node (``None`` when stopped)."""
     return node.stash.get(THROTTLING, None)
-
-
-def _pid(node: Node) -> int | None:
-    # The one place this plugin asks another one something: QEMU's pid.
-    return qemu_pid(node)
-
-
-def _settings(node: Node) -> QemuSettings:
-    settings = node.emulator_settings
-    return settings if isinstance(settings, QemuSettings) else QemuSettings()
 
 
 def _hierarchy(settings: QemuSettings) -> Hierarchy:
@@ -98,11 +87,11 @@ def _hierarchy(settings: QemuSettings) -> Hierarchy:
 
 
 @hookimpl(trylast=True)
-async def emu_prepare(node: Node) -> None:
+async def emu_prepare(node: QemuNode) -> None:
     """Remove the node's leftover cgroup; make its group, with the quota, before QEMU runs."""
     if node.status is not NodeStatus.STARTING:  # a dry run or disk preparation
         return
-    settings = _settings(node)
+    settings = node.emulator_settings
     state = Throttling(node.properties.cpu_throttling)
     node.stash[THROTTLING] = state
     with contextlib.suppress(CgroupError):
@@ -113,7 +102,7 @@ async def emu_prepare(node: Node) -> None:
         await _choose(node, state, settings)
 
 
-async def _choose(node: Node, state: Throttling, settings: QemuSettings) -> None:
+async def _choose(node: QemuNode, state: Throttling, settings: QemuSettings) -> None:
     """Pick the mechanism: the node's cgroup, with the quota set, else cpulimit."""
     wanted = settings.cpu_throttling_mechanism
     if wanted != "cpulimit":
@@ -139,7 +128,7 @@ async def _choose(node: Node, state: Throttling, settings: QemuSettings) -> None
     _cpulimit_binary(node)  # fail before QEMU starts
 
 
-def _cpulimit_binary(node: Node) -> str:
+def _cpulimit_binary(node: QemuNode) -> str:
     found = shutil.which("cpulimit")
     if found is None:
         raise NodeError(
@@ -151,17 +140,17 @@ def _cpulimit_binary(node: Node) -> str:
 
 
 @hookimpl(trylast=True)
-async def emu_started(node: Node) -> None:
+async def emu_started(node: QemuNode) -> None:
     """Make sure QEMU is in the node's cgroup, or start cpulimit on it."""
     state = node.stash.get(THROTTLING, None)
-    pid = _pid(node)
+    pid = qemu_pid(node)
     if state is None or pid is None or not state.percent:
         return
     async with state.lock:
         await _enforce(node, state, pid)
 
 
-async def _enforce(node: Node, state: Throttling, pid: int) -> None:
+async def _enforce(node: QemuNode, state: Throttling, pid: int) -> None:
     """Apply ``state.percent`` to QEMU with the mechanism chosen."""
     if state.group is not None:
         try:
@@ -169,7 +158,7 @@ async def _enforce(node: Node, state: Throttling, pid: int) -> None:
             state.group.add(pid)  # a no-op when qemu.process put it there already
             return
         except CgroupError as exc:
-            if _settings(node).cpu_throttling_mechanism == "cgroup":
+            if node.emulator_settings.cpu_throttling_mechanism == "cgroup":
                 raise NodeError(node.name, f"cpu_throttling: {exc}") from None
             node.emit("warning", f"cpu_throttling: {exc}; using cpulimit")
             group, state.group = state.group, None
@@ -181,19 +170,28 @@ async def _enforce(node: Node, state: Throttling, pid: int) -> None:
         await _start_cpulimit(node, state, pid)
 
 
-async def _start_cpulimit(node: Node, state: Throttling, pid: int) -> None:
+async def _start_cpulimit(node: QemuNode, state: Throttling, pid: int) -> None:
     limit = limit_for(state.percent)
     if limit is None:  # at least every CPU of the host: nothing to limit
         return
+    started: list[Cpulimit] = []  # the guard may end before start_cpulimit returns
+
+    def guard_exited(returncode: int) -> None:
+        if started:
+            ended = _ended(node, state, started[0], returncode)
+            state.watcher = asyncio.get_running_loop().create_task(ended)
+
     try:
-        cpulimit = await start_cpulimit(_cpulimit_binary(node), pid, limit, node.directory)
+        cpulimit = await start_cpulimit(
+            _cpulimit_binary(node), pid, limit, node.directory, on_exit=guard_exited
+        )
     except CpulimitError as exc:
         raise NodeError(node.name, f"cpu_throttling: {exc}") from None
+    started.append(cpulimit)
     state.cpulimit = cpulimit
-    state.watcher = asyncio.get_running_loop().create_task(_watch(node, state, cpulimit))
 
 
-async def _stop_cpulimit(node: Node, state: Throttling) -> None:
+async def _stop_cpulimit(node: QemuNode, state: Throttling) -> None:
     cpulimit, state.cpulimit = state.cpulimit, None
     watcher, state.watcher = state.watcher, None
     if watcher is not None:
@@ -205,22 +203,22 @@ async def _stop_cpulimit(node: Node, state: Throttling) -> None:
         _continue(node)
 
 
-def _continue(node: Node) -> None:
+def _continue(node: QemuNode) -> None:
     # The guard continued QEMU already; this covers a guard that was killed.
-    pid = _pid(node)
+    pid = qemu_pid(node)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
 
 
-async def _watch(node: Node, state: Throttling, cpulimit: Cpulimit) -> None:
-    returncode = await cpulimit.guard.wait()
+async def _ended(node: QemuNode, state: Throttling, cpulimit: Cpulimit, returncode: int) -> None:
+    """cpulimit's guard ended on its own (killed behind emu's back)."""
     if state.cpulimit is not cpulimit:
         return
     state.cpulimit, state.percent = None, 0
     await cpulimit.gone()  # a killed guard's cpulimit dies by its death signal, maybe later
     _continue(node)
-    if _pid(node) is not None:  # QEMU runs on: say it is no longer throttled
+    if qemu_pid(node) is not None:  # QEMU runs on: say it is no longer throttled
         node.emit(
             "warning",
             f"cpu_throttling: cpulimit ended on its own (exit code {returncode}, see"
@@ -229,7 +227,7 @@ async def _watch(node: Node, state: Throttling, cpulimit: Cpulimit) -> None:
 
 
 @hookimpl(tryfirst=True)
-async def emu_stop(node: Node) -> None:
+async def emu_stop(node: QemuNode) -> None:
     """Lift the throttling before anything signals QEMU: out of its cgroup (which is
     removed), or cpulimit killed and QEMU continued. ``tryfirst`` on purpose."""
     state = node.stash.pop(THROTTLING, None)
@@ -251,7 +249,7 @@ async def emu_stop(node: Node) -> None:
                 )
 
 
-async def set_cpu_throttling(node: Node, percent: int) -> None:
+async def set_cpu_throttling(node: QemuNode, percent: int) -> None:
     """Change the CPU throttling of a running QEMU node now, without a restart.
 
     The node's description keeps its ``cpu_throttling``, which the next start uses again.
@@ -270,7 +268,7 @@ async def set_cpu_throttling(node: Node, percent: int) -> None:
     if state is None or not node.is_running:
         raise NodeStateError(node.name, "cpu_throttling changes live only while the node runs")
     async with state.lock:
-        pid = _pid(node)
+        pid = qemu_pid(node)
         if state.ended or pid is None:
             raise NodeStateError(node.name, "cpu_throttling changes live only while it runs")
         previous, state.percent = state.percent, percent
@@ -282,7 +280,7 @@ async def set_cpu_throttling(node: Node, percent: int) -> None:
             raise
 
 
-async def _change(node: Node, state: Throttling, pid: int) -> None:
+async def _change(node: QemuNode, state: Throttling, pid: int) -> None:
     if state.cpulimit is not None:
         await _stop_cpulimit(node, state)
     if state.group is not None:
@@ -292,7 +290,7 @@ async def _change(node: Node, state: Throttling, pid: int) -> None:
             raise NodeError(node.name, f"cpu_throttling: {exc}") from None
         return
     if state.percent and not state.mechanism:
-        await _choose(node, state, _settings(node))
+        await _choose(node, state, node.emulator_settings)
     if state.percent:
         await _enforce(node, state, pid)
 

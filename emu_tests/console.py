@@ -69,8 +69,10 @@ async def wait_for_prompt(console: TelnetConsole, timeout: float = 90.0) -> None
     # and wrapping long command lines. The marker skips the prompts our Enters produced.
     marker = f"EMU{secrets.token_hex(4)}"
     await console.sendline(f"stty -echo; echo {marker}-synced")
-    # Anchored: typed during boot, the line is echoed before the shell runs it.
-    synced = re.compile(rf"^{marker}-synced", re.MULTILINE)
+    # The marker as printed, not as echoed in the typed command (with echo on, typed during
+    # boot, the line shows before the shell runs it). With echo left off by an earlier
+    # session, the output follows the prompt on the same line: no anchor to a line start.
+    synced = re.compile(rf"(?<!echo ){marker}-synced")
     await console.expect(synced, timeout=max(1.0, deadline - loop.time()))
     await console.expect(PROMPT, timeout=10)
     console.prompt = re.escape(PROMPT)

@@ -13,4 +13,8 @@ __version__ = "0.1.0"
 hookimpl = pluggy.HookimplMarker("emucore")
 """Marker for hook implementations: ``@hookimpl`` or ``@hookimpl(trylast=True)``."""
 
-__all__ = ["__version__", "hookimpl"]
+hookspec = pluggy.HookspecMarker("emucore")
+"""Marker for hook specs, for an emulator that declares hooks of its own (in a spec module
+named in the ``emucore.hookspecs`` entry point group)."""
+
+__all__ = ["__version__", "hookimpl", "hookspec"]

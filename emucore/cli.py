@@ -28,8 +28,8 @@ from emucore.console import attach
 from emucore.convert import structure
 from emucore.errors import ConfigError, EmuError
 from emucore.files import read_text
-from emucore.hooks import call_in_order
-from emucore.lab import CheckSpec, LabSpec, load_lab
+from emucore.hooks import call_each
+from emucore.lab import CheckSpec, load_lab
 from emucore.models import HostSettings, Project
 from emucore.plugins import describe_plugins, make_plugin_manager
 from emucore.progress import Progress
@@ -71,11 +71,6 @@ def _json(text: str) -> Any:
 
 def _toml(text: str) -> Any:
     return tomllib.loads(text)
-
-
-def load_lab_file(path: Path) -> LabSpec:
-    """Read and validate a lab file."""
-    return load_lab(read_data(path), str(path))
 
 
 def load_settings(path: Path | None, image_dirs: Sequence[Path] = ()) -> HostSettings:
@@ -320,7 +315,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     manager = make_plugin_manager(blocked=settings.blocked_plugins)
 
     async def collect() -> list[CheckResult]:
-        results = await call_in_order(manager.hook.emu_check, settings=settings)
+        results = await call_each(manager, "emu_check", settings=settings)
         return [item for batch in results for item in batch]
 
     results = asyncio.run(collect())

@@ -1,53 +1,81 @@
-"""Typed, emulator-scoped calls into the plugin manager.
+"""Typed, emulator-scoped calls into the plugin manager, every one through pluggy.
 
 pluggy does not type-check hook calls and calls every plugin; :class:`NodeHooks` fixes both:
 each method has the spec's signature, and only plugins scoped to the node's emulator kind
-(``EMULATOR = kind``) or to no kind take part. It also applies the async rule of
-:mod:`emucore.hookspecs`: implementations are called and awaited one by one, in call order.
+(``EMULATOR = kind``) or to no kind take part.
+
+**May be async.** A spec marked with :func:`may_be_async` (the one source of truth; its
+return annotation says ``Awaitable`` too) lets implementations return awaitables. Such a
+hook is called one implementation at a time, each result awaited before the next
+implementation is called, in pluggy's order (tryfirst, plain, trylast). Each of those calls
+still goes through pluggy's hook execution (a caller holding that one implementation), so
+``add_hookcall_monitoring`` and tracing see every call. Calling them all first would run a
+synchronous implementation before the body of an asynchronous one called earlier, and leave
+coroutines un-awaited when a later implementation raises. Wrappers cannot take part (they
+would see un-run coroutines): :class:`~emucore.plugins.EmuPluginManager` refuses them when a
+plugin registers.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from emucore.errors import PluginError
-from emucore.plugins import emulator_kind
 from emucore.records import ArgFragment
 
 if TYPE_CHECKING:
     from emucore.models import Nio
     from emucore.node import Node
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-async def call_in_order(caller: pluggy.HookCaller, **kwargs: Any) -> list[Any]:
-    """Call a *may be async* hook one implementation at a time, awaiting each result before
-    the next implementation is called (pluggy's order: tryfirst, normal, trylast).
+_MARK = "emu_may_be_async"
 
-    Calling them all first would run a synchronous implementation before the body of an
-    asynchronous one called earlier, and leave already-made coroutines un-awaited when a
-    later implementation raises.
 
-    :return: the non-``None`` results.
-    :raises PluginError: a wrapper implements the hook (wrappers would see un-run
-        coroutines; use tryfirst/trylast instead).
+def may_be_async(spec: F) -> F:
+    """Mark a hook spec whose implementations may return awaitables (see the module
+    docstring); use it on the specs of your own hooks as emu does on its own."""
+    setattr(spec, _MARK, True)
+    return spec
+
+
+def is_may_be_async(caller: pluggy.HookCaller) -> bool:
+    """Whether the hook ``caller`` calls was declared with :func:`may_be_async`."""
+    spec = caller.spec
+    return spec is not None and bool(getattr(spec.function, _MARK, False))
+
+
+def emulator_kind(plugin: object) -> str | None:
+    """The emulator kind a plugin is scoped to (its ``EMULATOR`` attribute), if any."""
+    kind = getattr(plugin, "EMULATOR", None)
+    return kind if isinstance(kind, str) else None
+
+
+async def call_each(
+    manager: pluggy.PluginManager, name: str, kind: str | None = None, **kwargs: Any
+) -> list[Any]:
+    """Call the *may be async* hook ``name`` one implementation at a time, awaiting each
+    result before the next implementation is called.
+
+    :param kind: only plugins of this emulator kind, or of none, take part (``None``: all).
+    :return: the non-``None`` results, in call order.
     """
+    caller: pluggy.HookCaller = getattr(manager.hook, name)
+    plugins = manager.get_plugins()
     results = []
     for impl in reversed(caller.get_hookimpls()):
-        if impl.hookwrapper or impl.wrapper:
-            raise PluginError(
-                f"plugin {impl.plugin_name!r}: {caller.name} may be async, so it cannot be"
-                " wrapped; use tryfirst or trylast to run before or after the others"
-            )
-        result = impl.function(**{name: kwargs[name] for name in impl.argnames})
-        if inspect.isawaitable(result):
-            result = await result
-        if result is not None:
-            results.append(result)
+        if kind is not None and emulator_kind(impl.plugin) not in (None, kind):
+            continue
+        one = manager.subset_hook_caller(name, [p for p in plugins if p is not impl.plugin])
+        for result in one(**kwargs):
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                results.append(result)
     return results
 
 
@@ -58,7 +86,11 @@ def join_fragments(fragments: Sequence[ArgFragment]) -> list[str]:
 
 
 class NodeHooks:
-    """The hooks of one emulator kind, with typed signatures."""
+    """The hooks of one emulator kind, with typed signatures.
+
+    :ivar manager: the plugin manager.
+    :ivar emulator: the emulator kind.
+    """
 
     def __init__(self, manager: pluggy.PluginManager, emulator: str) -> None:
         self.manager = manager
@@ -73,17 +105,31 @@ class NodeHooks:
         ]
         return self.manager.subset_hook_caller(name, others)
 
+    def call_first(self, name: str, **kwargs: Any) -> Any:
+        """Call the *firstresult*, sync hook ``name`` (an emulator's own hook, declared in a
+        spec module of the ``emucore.hookspecs`` entry point group).
+
+        :return: the first non-``None`` result, ``None`` when no plugin answered or none
+            implements it.
+        """
+        if not hasattr(self.manager.hook, name):
+            return None
+        return self.caller(name)(**kwargs)
+
+    async def _each(self, name: str, **kwargs: Any) -> list[Any]:
+        return await call_each(self.manager, name, self.emulator, **kwargs)
+
     def node_created(self, node: Node) -> None:
         """Call ``emu_node_created``."""
         self.caller("emu_node_created")(node=node)
 
     async def prepare(self, node: Node) -> None:
         """Call ``emu_prepare`` and await each result."""
-        await call_in_order(self.caller("emu_prepare"), node=node)
+        await self._each("emu_prepare", node=node)
 
     async def prepare_disks(self, node: Node) -> None:
         """Call ``emu_prepare_disks`` and await each result."""
-        await call_in_order(self.caller("emu_prepare_disks"), node=node)
+        await self._each("emu_prepare_disks", node=node)
 
     def build_fragments(self, node: Node) -> list[ArgFragment]:
         """Call ``emu_build_args``: the fragments, in hook call order."""
@@ -96,59 +142,57 @@ class NodeHooks:
 
     async def start(self, node: Node, argv: Sequence[str]) -> None:
         """Call ``emu_start``."""
-        await call_in_order(self.caller("emu_start"), node=node, argv=argv)
+        await self._each("emu_start", node=node, argv=argv)
 
     async def started(self, node: Node) -> None:
         """Call ``emu_started``."""
-        await call_in_order(self.caller("emu_started"), node=node)
+        await self._each("emu_started", node=node)
 
     async def stop(self, node: Node) -> None:
         """Call ``emu_stop``."""
-        await call_in_order(self.caller("emu_stop"), node=node)
+        await self._each("emu_stop", node=node)
 
     async def stopped(self, node: Node) -> None:
         """Call ``emu_stopped``."""
-        await call_in_order(self.caller("emu_stopped"), node=node)
+        await self._each("emu_stopped", node=node)
 
     async def suspend(self, node: Node) -> None:
         """Call ``emu_suspend``."""
-        await call_in_order(self.caller("emu_suspend"), node=node)
+        await self._each("emu_suspend", node=node)
 
     async def resume(self, node: Node) -> None:
         """Call ``emu_resume``."""
-        await call_in_order(self.caller("emu_resume"), node=node)
+        await self._each("emu_resume", node=node)
 
     async def reload(self, node: Node) -> None:
         """Call ``emu_reload``."""
-        await call_in_order(self.caller("emu_reload"), node=node)
+        await self._each("emu_reload", node=node)
 
     async def attach_nio(self, node: Node, adapter: int, nio: Nio) -> None:
         """Call ``emu_attach_nio``."""
-        await call_in_order(self.caller("emu_attach_nio"), node=node, adapter=adapter, nio=nio)
+        await self._each("emu_attach_nio", node=node, adapter=adapter, nio=nio)
 
     async def update_nio(self, node: Node, adapter: int, old: Nio, new: Nio) -> None:
         """Call ``emu_update_nio``."""
-        call = self.caller("emu_update_nio")
-        await call_in_order(call, node=node, adapter=adapter, old=old, new=new)
+        await self._each("emu_update_nio", node=node, adapter=adapter, old=old, new=new)
 
     async def detach_nio(self, node: Node, adapter: int, nio: Nio) -> None:
         """Call ``emu_detach_nio``."""
-        await call_in_order(self.caller("emu_detach_nio"), node=node, adapter=adapter, nio=nio)
+        await self._each("emu_detach_nio", node=node, adapter=adapter, nio=nio)
 
     async def set_link(self, node: Node, adapter: int, up: bool) -> None:
         """Call ``emu_set_link``."""
-        await call_in_order(self.caller("emu_set_link"), node=node, adapter=adapter, up=up)
+        await self._each("emu_set_link", node=node, adapter=adapter, up=up)
 
     async def capture(self, node: Node, adapter: int, path: Path) -> bool:
         """Call ``emu_capture``; whether an implementation took the capture."""
-        call = self.caller("emu_capture")
-        results = await call_in_order(call, node=node, adapter=adapter, path=path)
+        results = await self._each("emu_capture", node=node, adapter=adapter, path=path)
         return any(result is True for result in results)
 
     async def stop_capture(self, node: Node, adapter: int) -> None:
         """Call ``emu_stop_capture``."""
-        await call_in_order(self.caller("emu_stop_capture"), node=node, adapter=adapter)
+        await self._each("emu_stop_capture", node=node, adapter=adapter)
 
     async def close(self, node: Node) -> None:
         """Call ``emu_close``."""
-        await call_in_order(self.caller("emu_close"), node=node)
+        await self._each("emu_close", node=node)

@@ -10,12 +10,13 @@ that emulator kind; a plugin without ``EMULATOR`` is called for every node (chec
 ``node.emulator`` if that matters). Two emulators loaded at once never see each other's nodes.
 
 **Sync and async.** pluggy calls hooks synchronously. Specs marked *sync* must return plain
-values. Specs marked *may be async* accept a plain value or an awaitable (an ``async def``
-implementation returns a coroutine): the core calls the implementations one at a time and
-awaits each result before calling the next, so an implementation may rely on the earlier
-ones having finished. Such hooks collect results and are never ``firstresult``: a coroutine
-is not ``None``, so "first non-``None`` wins" would stop at the first async implementation
-without running it.
+values. Specs marked *may be async* (decorated with :func:`~emucore.hooks.may_be_async`, the
+one source of truth) accept a plain value or an awaitable (an ``async def`` implementation
+returns a coroutine): the core calls the implementations one at a time, each through
+pluggy's hook execution (so tracing and monitoring see it), and awaits each result before
+calling the next, so an implementation may rely on the earlier ones having finished. Such
+hooks collect results and are never ``firstresult``: a coroutine is not ``None``, so "first
+non-``None`` wins" would stop at the first async implementation without running it.
 
 **Order.** pluggy calls ``tryfirst`` implementations first and ``trylast`` ones last;
 within the ``tryfirst`` and plain groups the most recently registered runs first, within the
@@ -24,8 +25,8 @@ third-party implementation runs before them by default. To act after a built-in,
 next hook of the sequence (``emu_started`` runs after every ``emu_start`` returned).
 Wrappers (``wrapper=True``, ``result = yield``) work on *sync* hooks (``emu_build_args``
 above all: a wrapper can add, remove or reorder fragments); on *may be async* hooks they
-are refused with a ``PluginError`` — use ``tryfirst`` or ``trylast`` to act before or after
-the others.
+are refused with a ``PluginError`` when the plugin registers — use ``tryfirst`` or
+``trylast`` to act before or after the others.
 
 **Errors.** Raise an :class:`emucore.errors.EmuError` subclass whose message names the node
 and the field, file or adapter concerned. Anything else is wrapped in a ``NodeError``.
@@ -37,7 +38,8 @@ from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pluggy
+from emucore import hookspec
+from emucore.hooks import may_be_async
 
 if TYPE_CHECKING:
     import argparse
@@ -45,8 +47,6 @@ if TYPE_CHECKING:
     from emucore.models import HostSettings, Nio
     from emucore.node import Node
     from emucore.records import ArgFragment, CheckResult, EmulatorInfo, LabImage
-
-hookspec = pluggy.HookspecMarker("emucore")
 
 
 @hookspec
@@ -61,6 +61,7 @@ def emu_emulators() -> Sequence[EmulatorInfo]:
     raise NotImplementedError
 
 
+@may_be_async
 @hookspec
 def emu_check(settings: HostSettings) -> Sequence[CheckResult] | Awaitable[Sequence[CheckResult]]:
     """Report whether what the plugin needs on this host is present (``emu check``).
@@ -112,6 +113,7 @@ def emu_node_created(node: Node) -> None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_prepare(node: Node) -> Awaitable[None] | None:
     """Find and probe what the command line depends on: binaries, accelerators.
@@ -128,6 +130,7 @@ def emu_prepare(node: Node) -> Awaitable[None] | None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_prepare_disks(node: Node) -> Awaitable[None] | None:
     """Make the node's disks ready: create linked clones, check them, record their paths.
@@ -159,6 +162,7 @@ def emu_build_args(node: Node) -> Sequence[ArgFragment] | None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_start(node: Node, argv: Sequence[str]) -> Awaitable[None] | None:
     """Launch the emulator with ``argv`` and wait until it runs and can be controlled.
@@ -180,6 +184,7 @@ def emu_start(node: Node, argv: Sequence[str]) -> Awaitable[None] | None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_started(node: Node) -> Awaitable[None] | None:
     """The emulator runs: attach helpers to it (priority, CPU limit, console discovery).
@@ -194,6 +199,7 @@ def emu_started(node: Node) -> Awaitable[None] | None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_stop(node: Node) -> Awaitable[None] | None:
     """Stop the emulator and everything started with it; release what start acquired.
@@ -209,6 +215,7 @@ def emu_stop(node: Node) -> Awaitable[None] | None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_stopped(node: Node) -> Awaitable[None] | None:
     """The emulator is gone: release the helpers attached to it in ``emu_started``.
@@ -224,6 +231,7 @@ def emu_stopped(node: Node) -> Awaitable[None] | None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_suspend(node: Node) -> Awaitable[None] | None:
     """Pause the running node (its CPUs stop; the process stays).
@@ -235,6 +243,7 @@ def emu_suspend(node: Node) -> Awaitable[None] | None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_resume(node: Node) -> Awaitable[None] | None:
     """Let a suspended node run again.
@@ -246,6 +255,7 @@ def emu_resume(node: Node) -> Awaitable[None] | None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_reload(node: Node) -> Awaitable[None] | None:
     """Reset the node as a power cycle would, without restarting the process.
@@ -259,6 +269,7 @@ def emu_reload(node: Node) -> Awaitable[None] | None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_attach_nio(node: Node, adapter: int, nio: Nio) -> Awaitable[None] | None:
     """Connect an adapter of a running node that has no NIO to ``nio``.
@@ -275,6 +286,7 @@ def emu_attach_nio(node: Node, adapter: int, nio: Nio) -> Awaitable[None] | None
     """
 
 
+@may_be_async
 @hookspec
 def emu_update_nio(node: Node, adapter: int, old: Nio, new: Nio) -> Awaitable[None] | None:
     """Replace the NIO of a connected adapter of a running node (a live relink).
@@ -292,6 +304,7 @@ def emu_update_nio(node: Node, adapter: int, old: Nio, new: Nio) -> Awaitable[No
     """
 
 
+@may_be_async
 @hookspec
 def emu_detach_nio(node: Node, adapter: int, nio: Nio) -> Awaitable[None] | None:
     """Disconnect an adapter of a running node; the guest keeps its NIC, link down.
@@ -305,6 +318,7 @@ def emu_detach_nio(node: Node, adapter: int, nio: Nio) -> Awaitable[None] | None
     """
 
 
+@may_be_async
 @hookspec
 def emu_set_link(node: Node, adapter: int, up: bool) -> Awaitable[None] | None:
     """Set an adapter's link state as the guest sees it, keeping its NIO.
@@ -318,6 +332,7 @@ def emu_set_link(node: Node, adapter: int, up: bool) -> Awaitable[None] | None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_capture(node: Node, adapter: int, path: Path) -> bool | Awaitable[bool] | None:
     """Start writing the frames crossing an adapter to a pcap file, without a restart.
@@ -333,6 +348,7 @@ def emu_capture(node: Node, adapter: int, path: Path) -> bool | Awaitable[bool] 
     """
 
 
+@may_be_async
 @hookspec
 def emu_stop_capture(node: Node, adapter: int) -> Awaitable[None] | None:
     """Stop the capture this plugin started on ``adapter``; the file stays.
@@ -345,6 +361,7 @@ def emu_stop_capture(node: Node, adapter: int) -> Awaitable[None] | None:
     """
 
 
+@may_be_async
 @hookspec
 def emu_close(node: Node) -> Awaitable[None] | None:
     """The node is being deleted from the host's view: release what creation acquired.

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, cast
 
 import attrs
+from typing_extensions import TypeVar
 
 from emucore.claims import Claims
 from emucore.errors import CaptureUnsupportedError, EmuError, NodeError, NodeStateError
@@ -41,9 +43,18 @@ log = logging.getLogger("emu")
 
 RUNNING = (NodeStatus.STARTED, NodeStatus.SUSPENDED)
 
+# The emulator's properties and settings classes. A plugin names them in its hook
+# implementations (``Node[QemuProperties, QemuSettings]``), so mypy checks what it reads;
+# the core and hosts write plain ``Node`` (both default to Any).
+P = TypeVar("P", default=Any)
+S = TypeVar("S", default=Any)
 
-class Node:
+
+class Node(Generic[P, S]):
     """A node of a project, running or not.
+
+    Generic in its emulator's properties class ``P`` and settings class ``S``: a plugin
+    annotates ``node: Node[MyProperties, MySettings]`` and needs no ``isinstance``.
 
     :ivar config: the validated description.
     :ivar project: the project it belongs to.
@@ -68,7 +79,7 @@ class Node:
         events: EventBus,
         ports: PortAllocator,
         settings: HostSettings,
-        emulator_settings: Any = None,
+        emulator_settings: S,
         adapter_count: int = 0,
         claims: Claims | None = None,
     ) -> None:
@@ -105,9 +116,9 @@ class Node:
         return self.config.emulator
 
     @property
-    def properties(self) -> Any:
-        """The emulator's properties object."""
-        return self.config.properties
+    def properties(self) -> P:
+        """The emulator's properties object (an instance of its properties class)."""
+        return cast(P, self.config.properties)
 
     @property
     def is_running(self) -> bool:
@@ -289,14 +300,14 @@ class Node:
         """Connect ``adapter`` to ``nio``; on a running node live, replacing any NIO it has."""
         async with self._lock:
             current = self._adapter(adapter)
-            if self.is_running:
-                if current.nio is None:
-                    await self._guard("attach", self.hooks.attach_nio(self, adapter, nio))
-                elif current.nio != nio:
-                    await self._guard(
-                        "relink", self.hooks.update_nio(self, adapter, current.nio, nio)
-                    )
-            self._replace_adapter(attrs.evolve(current, nio=nio))
+            old = current.nio
+            changed = attrs.evolve(current, nio=nio)
+            if old == nio:
+                return
+            if old is None:
+                await self._changing(changed, current, "attach", self.hooks.attach_nio, nio)
+            else:
+                await self._changing(changed, current, "relink", self.hooks.update_nio, old, nio)
 
     async def detach_nio(self, adapter: int) -> None:
         """Disconnect ``adapter`` (no-op if it has no NIO); the guest keeps its NIC."""
@@ -304,17 +315,35 @@ class Node:
             current = self._adapter(adapter)
             if current.nio is None:
                 return
-            if self.is_running:
-                await self._guard("detach", self.hooks.detach_nio(self, adapter, current.nio))
-            self._replace_adapter(attrs.evolve(current, nio=None))
+            changed = attrs.evolve(current, nio=None)
+            await self._changing(changed, current, "detach", self.hooks.detach_nio, current.nio)
 
     async def set_link(self, adapter: int, up: bool) -> None:
         """Take an adapter's link down or up as the guest sees it, keeping its NIO."""
         async with self._lock:
             current = self._adapter(adapter)
-            if self.is_running:
-                await self._guard("set link", self.hooks.set_link(self, adapter, up))
-            self._replace_adapter(attrs.evolve(current, link_up=up))
+            changed = attrs.evolve(current, link_up=up)
+            await self._changing(changed, current, "set link", self.hooks.set_link, up)
+
+    async def _changing(
+        self,
+        changed: Adapter,
+        current: Adapter,
+        action: str,
+        hook: Callable[..., Awaitable[None]],
+        *args: Any,
+    ) -> None:
+        """Record ``changed``, then (on a running node) call ``hook(self, adapter, *args)``:
+        the hooks, and whatever they rebuild (a command line), see the adapter as it is
+        becoming. ``current`` is put back when they fail."""
+        self._replace_adapter(changed)
+        if not self.is_running:
+            return
+        try:
+            await self._guard(action, hook(self, changed.number, *args))
+        except BaseException:
+            self._replace_adapter(current)
+            raise
 
     async def start_capture(self, adapter: int, path: Path) -> None:
         """Write the frames crossing ``adapter`` to the pcap file ``path``.

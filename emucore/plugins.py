@@ -2,10 +2,17 @@
 
 Nothing is loaded at import time. A host calls :func:`make_plugin_manager` once and passes
 the manager to :class:`emucore.session.Session`; tests build a fresh one per test.
+
+Besides the core's specs (:mod:`emucore.hookspecs`), a distribution may declare hooks of its
+own (QEMU's pieces share the binary through one) in a spec module named in the
+``emucore.hookspecs`` entry point group: the specs belong to the distribution, not to a
+plugin, so blocking the plugin that implements them leaves the spec (and a clear "nobody
+implements it" for the callers) in place.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from collections.abc import Iterable, Mapping
 from types import ModuleType
@@ -15,11 +22,38 @@ import pluggy
 
 from emucore import hookspecs
 from emucore.errors import PluginError
+from emucore.hooks import emulator_kind, is_may_be_async
 from emucore.records import EmulatorInfo
 
 PROJECT_NAME = "emucore"
 ENTRY_POINT_GROUP = "emucore.plugins"
+SPEC_ENTRY_POINT_GROUP = "emucore.hookspecs"
 BLOCK_ENV = "EMU_BLOCK_PLUGINS"
+
+
+class EmuPluginManager(pluggy.PluginManager):
+    """A plugin manager that refuses, at registration, a wrapper on a *may be async* hook
+    (see :mod:`emucore.hooks`): it would see coroutines that have not run."""
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        """Register ``plugin`` like pluggy does, then check its wrappers.
+
+        :raises PluginError: a wrapper implements a *may be async* hook.
+        """
+        registered = super().register(plugin, name)
+        if registered is None:
+            return None
+        for caller in self.get_hookcallers(plugin) or ():
+            if not is_may_be_async(caller):
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and (impl.wrapper or impl.hookwrapper):
+                    self.unregister(plugin)
+                    raise PluginError(
+                        f"plugin {registered!r}: {caller.name} may be async, so it cannot be"
+                        " wrapped; use tryfirst or trylast to run before or after the others"
+                    )
+        return registered
 
 
 def blocked_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -48,10 +82,19 @@ def make_plugin_manager(
     :raises PluginError: a plugin implements a hook that does not exist or with wrong
         arguments, or fails to import.
     """
-    manager = pluggy.PluginManager(PROJECT_NAME)
+    manager = EmuPluginManager(PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
     for name in [*blocked, *blocked_from_env(environ)]:
         manager.set_blocked(name)
+    # Even without plugin entry points: plugins registered by hand may implement them. Specs
+    # are blocked by their own entry point's name ("qemu.hookspecs"), not by a plugin's.
+    for entry_point in importlib.metadata.entry_points(group=SPEC_ENTRY_POINT_GROUP):
+        if manager.is_blocked(entry_point.name):
+            continue
+        try:
+            manager.add_hookspecs(entry_point.load())
+        except ImportError as exc:
+            raise PluginError(f"hook specs {entry_point.value!r} failed to import: {exc}") from exc
     try:
         if entry_points:
             manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
@@ -64,12 +107,6 @@ def make_plugin_manager(
     except ImportError as exc:
         raise PluginError(f"a plugin failed to import: {exc}") from exc
     return manager
-
-
-def emulator_kind(plugin: object) -> str | None:
-    """The emulator kind a plugin is scoped to (its ``EMULATOR`` attribute), if any."""
-    kind = getattr(plugin, "EMULATOR", None)
-    return kind if isinstance(kind, str) else None
 
 
 def emulators(manager: pluggy.PluginManager) -> dict[str, EmulatorInfo]:

@@ -1,6 +1,7 @@
 """Child processes that cannot outlive their host: spawn, watch, terminate, reap leftovers.
 
-Every emulator or helper process (QEMU, VPCS, cpulimit) is started through :func:`spawn`:
+Every emulator or helper process (QEMU, VPCS, cpulimit, swtpm) is started through
+:func:`spawn`, and watched as a :class:`Supervised` process:
 
 * the kernel sends it a death signal when the host process dies, even by SIGKILL
   (``PR_SET_PDEATHSIG``, set by util-linux's ``setpriv`` right before it execs the command,
@@ -24,7 +25,7 @@ import ctypes.util
 import os
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -188,3 +189,101 @@ def log_tail(path: Path, lines: int = 20) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+ExitHandler = Callable[[int], None]
+
+
+class Supervised:
+    """A child that dies with the host and is watched: the one shape of every emulator and
+    helper process (QEMU, VPCS, cpulimit's guard, swtpm).
+
+    :meth:`start` reaps a leftover named by the pidfile, spawns (:func:`spawn`), records the
+    pid, and starts a task that waits for the exit: an exit nobody asked for is reported at
+    once to ``on_exit`` (never by polling). :meth:`stop` is bounded and final
+    (:func:`terminate`) and removes the pidfile.
+
+    :ivar process: the asyncio process.
+    :ivar pidfile: where its pid is recorded, if anywhere.
+    :ivar stopping: set by :meth:`stop`; the exit it causes is not reported.
+    """
+
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        pidfile: Path | None,
+        on_exit: ExitHandler | None,
+    ) -> None:
+        """Use :meth:`start`."""
+        self.process = process
+        self.pidfile = pidfile
+        self.stopping = False
+        self._on_exit = on_exit
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    @classmethod
+    async def start(
+        cls,
+        argv: Sequence[str],
+        *,
+        cwd: Path | None = None,
+        pidfile: Path | None = None,
+        output: IO[Any] | int | None = asyncio.subprocess.DEVNULL,
+        stdin: int | None = asyncio.subprocess.DEVNULL,
+        death_signal: signal.Signals = signal.SIGTERM,
+        on_exit: ExitHandler | None = None,
+    ) -> Supervised:
+        """Start ``argv`` (see :func:`spawn` for ``cwd``, ``output``, ``stdin`` and
+        ``death_signal``).
+
+        :param pidfile: kill a leftover it names (a host that died before the kernel could
+            help), then record the new pid there, marked with ``cwd``.
+        :param on_exit: called with the exit code when the process ends on its own.
+        """
+        if pidfile is not None:
+            await reap_pidfile(pidfile)
+        process = await spawn(argv, cwd=cwd, output=output, stdin=stdin, death_signal=death_signal)
+        if pidfile is not None:
+            write_pidfile(pidfile, process.pid, str(cwd or ""))
+        return cls(process, pidfile, on_exit)
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.process.returncode is None
+
+    async def _watch(self) -> None:
+        returncode = await self.process.wait()
+        if not self.stopping and self._on_exit is not None:
+            self._on_exit(returncode)
+
+    async def wait(self, timeout: float) -> int | None:
+        """Wait at most ``timeout`` seconds for the exit; the exit code, or ``None``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout)
+        return self.process.returncode
+
+    def send_signal(self, number: signal.Signals) -> None:
+        """Send ``number`` if the process still runs."""
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(number)
+
+    async def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM, wait up to ``grace`` seconds, SIGKILL: bounded and final; the exit is
+        not reported. Removes the pidfile.
+
+        :return: the exit code.
+        """
+        self.stopping = True
+        returncode = await terminate(self.process, grace)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watcher
+        if self.pidfile is not None:
+            self.pidfile.unlink(missing_ok=True)
+        return returncode

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -12,15 +12,6 @@ from emucore.telnet import TelnetConsole
 
 if TYPE_CHECKING:
     from emucore.node import Node
-
-
-class EmulatorProperties(Protocol):
-    """What the core needs from an emulator's properties class (an attrs class)."""
-
-    @property
-    def adapter_count(self) -> int:
-        """How many network adapters the node has (adapter numbers are 0..count-1)."""
-        ...
 
 
 @attrs.frozen
@@ -32,7 +23,8 @@ class EmulatorInfo:
     :ivar properties: attrs class of a node's properties; built from the node description
         (minus ``name``, ``node_id``, ``emulator`` and ``nios``) by the core's converter, so
         unknown keys and bad values are refused with the field's path. Must provide
-        ``adapter_count`` (see :class:`EmulatorProperties`).
+        an ``adapter_count`` property: how many network adapters the node has (adapter
+        numbers are 0..count-1).
     :ivar settings: attrs class of the host's settings for this emulator (all fields with
         defaults), built from ``HostSettings.emulators[name]``; ``None`` if it has none.
     :ivar description: one line for ``emu plugins``.

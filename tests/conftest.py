@@ -20,6 +20,7 @@ import pytest
 from qemu.qmp import ConnectError, QMPClient
 
 from emucore.cgroups import Hierarchy
+from emucore.claims import Claims
 from emucore.models import HostSettings, Project
 from emucore.node import Node
 from emucore.session import Session
@@ -95,11 +96,16 @@ class QemuLab:
         return HostSettings(**{"image_dirs": (self.images,), **overrides})
 
     def session(
-        self, settings: HostSettings | None = None, project: Project | None = None, **overrides: Any
+        self,
+        settings: HostSettings | None = None,
+        project: Project | None = None,
+        claims: Claims | None = None,
+        **overrides: Any,
     ) -> Session:
-        """A session on :attr:`project` (or ``project``), closed at teardown."""
+        """A session on :attr:`project` (or ``project``), closed at teardown; ``claims``
+        shared with other sessions, as a host running several projects does."""
         settings = settings or self.settings(**overrides)
-        session = Session(project or self.project, settings=settings)
+        session = Session(project or self.project, settings=settings, claims=claims)
         self.sessions.append(session)
         return session
 

@@ -14,7 +14,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from emu_qemu.process import qemu_pid
+from emu_qemu.contract import qemu_pid
 from emu_qemu.throttle import throttling_of
 from emucore.models import HostSettings, Project
 from emucore.session import Session

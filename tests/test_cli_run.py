@@ -98,6 +98,29 @@ def test_the_demo_passes(tmp_path: Path, tiny_guest: object) -> None:
     assert all(check["passed"] for check in state["checks"])
     assert len(state["checks"]) == 4  # three consoles and the capture
     assert processes_mentioning(str(tmp_path)) == {}
+    # A new user reads no error while QEMU opens its QMP socket (qemu.qmp's own log lines).
+    assert [line for line in done.stderr.splitlines() if "error" in line.lower()] == []
+
+
+@pytest.mark.qemu
+def test_several_checks_on_one_tiny_guest(tmp_path: Path, tiny_guest: object) -> None:
+    """Each check opens the guest's console anew; the terminal state one leaves (echo off)
+    must not trip the next."""
+    lab = tmp_path / "checks.toml"
+    checks = "".join(
+        f'[[checks]]\nnode = "a"\ncommand = "echo check-{n}-$((6*7))"\nexpect = "check-{n}-42"\n'
+        for n in range(3)
+    )
+    lab.write_text(f'name = "checks"\n[nodes.a]\nemulator = "qemu"\nimage = "tiny"\n{checks}')
+    done = subprocess.run(
+        [*EMU, "run", str(lab), "--check", "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [c["passed"] for c in json.loads(done.stdout)["checks"]] == [True, True, True]
 
 
 @pytest.mark.qemu

@@ -197,10 +197,12 @@ def test_wrappers_are_refused_on_may_be_async_hooks(tmp_path: Path) -> None:
         return (yield)
 
     wrapping.emu_start = emu_start  # type: ignore[attr-defined]
-    session = session_with(tmp_path, make_toy("alpha"), wrapping)
-    node = session.add_node({"name": "a1", "emulator": "alpha"})
+    # Refused when the plugin registers, not at a node's first start.
     with pytest.raises(
         PluginError, match="'wrapping': emu_start may be async, so it cannot be wrapped"
     ):
-        asyncio.run(node.start())
-    assert node.status.value == "stopped"
+        session_with(tmp_path, make_toy("alpha"), wrapping)
+    manager = make_plugin_manager(entry_points=False)
+    with pytest.raises(PluginError, match="emu_start may be async"):
+        manager.register(wrapping, name="wrapping")
+    assert manager.get_plugin("wrapping") is None

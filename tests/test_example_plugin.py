@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from emu_qemu.process import qemu_pid
+from emu_qemu.contract import qemu_pid
 from emu_tests.guest import TinyGuest
 from emucore.models import HostSettings, Project
 from emucore.plugins import describe_plugins, make_plugin_manager

@@ -35,9 +35,9 @@ from typing import Any
 import attrs
 import pytest
 
+from emu_qemu.contract import monitor_of, qemu_pid
 from emu_qemu.disks import overlay_path
-from emu_qemu.process import qemu_pid
-from emu_qemu.qmp import Monitor, monitor_of
+from emu_qemu.qmp import Monitor
 from emu_tests.console import open_guest_console
 from emucore.errors import EmuError, ImageError, NodeStateError
 from emucore.models import LinkFilters, NodeEvent, NodeStatus, UdpNio
@@ -152,7 +152,7 @@ def spawned(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
         started.append((child.pid, os.pidfd_open(child.pid)))
         return child
 
-    monkeypatch.setattr("emu_qemu.process.spawn", recording_spawn)
+    monkeypatch.setattr("emucore.process.spawn", recording_spawn)  # Supervised.start uses it
     try:
         yield started
     finally:

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from emu_qemu import kvm
-from emu_qemu.binary import QemuBinary, find_binary
 from emu_qemu.properties import QemuProperties
+from emu_qemu.qemubinary import QemuBinary, find_binary
 from emu_tests.guest import build_tiny_guest
 from emucore.errors import ConfigError, NodeError
 from emucore.models import NodeEvent

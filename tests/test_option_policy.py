@@ -267,7 +267,7 @@ def test_the_json_attack_is_real_when_the_host_allows_unsafe_options(qemu_lab: Q
     async def body() -> Any:
         try:
             await node.start()
-            from emu_qemu.qmp import monitor_of
+            from emu_qemu.contract import monitor_of
 
             monitor = monitor_of(node)
             await monitor.execute("stop")

@@ -21,9 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emu_qemu.binary import BinaryError, binary_of, platform_of
+from emu_qemu.contract import binary as binary_of
 from emu_qemu.disks import overlay_path
 from emu_qemu.properties import MAX_ADAPTERS
+from emu_qemu.qemubinary import BinaryError, platform_of
+from emucore.claims import Claims
 from emucore.errors import ConfigError, EmuError, ImageError
 from emucore.models import Project
 from emucore.session import Session
@@ -569,12 +571,14 @@ def test_without_linked_clone_the_base_is_used(qemu_lab: QemuLab) -> None:
 
 def test_an_image_without_linked_clone_belongs_to_one_node(qemu_lab: QemuLab) -> None:
     qemu_lab.image("base.qcow2")
-    session = qemu_lab.session()
+    host = Claims()  # the host runs two projects: their nodes share the images
+    session = qemu_lab.session(claims=host)
     qemu_lab.node(session, name="A", hda_disk_image="base.qcow2", linked_clone=False)
-    with pytest.raises(ImageError, match="already used by another node without linked_clone"):
+    with pytest.raises(ImageError, match="already used by node 'A' without linked_clone"):
         qemu_lab.node(session, name="B", hdb_disk_image="base.qcow2", linked_clone=False)
-    other_project = qemu_lab.session(project=Project.for_directory(qemu_lab.root / "other"))
-    with pytest.raises(ImageError, match="already used by another node"):
+    other = Project.for_directory(qemu_lab.root / "other")
+    other_project = qemu_lab.session(project=other, claims=host)
+    with pytest.raises(ImageError, match="already used by node 'A'"):
         qemu_lab.node(other_project, name="C", hda_disk_image="base.qcow2", linked_clone=False)
     qemu_lab.node(session, name="D", hda_disk_image="base.qcow2")  # linked clones share it
     run(session.remove_node("A"))

@@ -46,5 +46,5 @@ def test_a_refused_node_claims_no_image(session: Session) -> None:
     with pytest.raises(ConfigError, match="options"):
         session.add_node({**unsafe, "options": "-drive file=/etc/shadow"})
     session.add_node({**unsafe, "name": "y"})  # the image was not claimed by the refused node
-    with pytest.raises(ImageError, match="already used by another node"):
+    with pytest.raises(ImageError, match="already used by node 'y'"):
         session.add_node({**unsafe, "name": "z"})

@@ -168,7 +168,7 @@ def test_without_linked_clones_an_image_serves_one_node(
     first = emu_session.add_node(
         {"name": "one", "emulator": "qemu", "hda_disk_image": "mine.qcow2", "linked_clone": False}
     )
-    with pytest.raises(ImageError, match="already used by another node without linked_clone"):
+    with pytest.raises(ImageError, match="already used by node 'one' without linked_clone"):
         emu_session.add_node(
             {
                 "name": "two",

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from emu_qemu.process import COMMAND_LINE, PROCESS, qemu_pid
-from emu_qemu.qmp import monitor_of
+from emu_qemu.contract import monitor_of, qemu_pid
+from emu_qemu.process import COMMAND_LINE, PROCESS
 from emu_qemu.throttle import throttling_of
 from emu_tests.guest import PROMPT, READY_MARKER, TinyGuest
 from emucore.errors import EmulatorExitedError
@@ -96,7 +96,8 @@ def test_acpi_shutdown_that_the_guest_honours(
             took = time.monotonic() - began
         warnings = [e for e in drain(events) if e.kind == "warning"]
         assert warnings == []  # no fallback to SIGTERM was needed
-        assert running.process.returncode == 0
+        assert running.supervised is not None
+        assert running.supervised.process.returncode == 0
         assert took < 10  # well before powerdown_timeout ran out
         log = (node.directory / "console.log").read_text(errors="replace")
         assert "power button pressed, powering off" in log

@@ -23,14 +23,14 @@ from typing import Any
 import attrs
 import pytest
 
+from emu_qemu.contract import qemu_pid
 from emu_qemu.cpulimit import start_cpulimit
-from emu_qemu.process import qemu_pid
 from emu_qemu.throttle import Throttling, set_cpu_throttling, throttling_of
 from emu_tests.console import open_guest_console
 from emucore import hookimpl
 from emucore.cgroups import Hierarchy, make_group
 from emucore.errors import ConfigError, NodeError, NodeStateError
-from emucore.hooks import call_in_order
+from emucore.hooks import call_each
 from emucore.models import HostSettings, NodeEvent, Project
 from emucore.node import Node
 from emucore.plugins import make_plugin_manager
@@ -235,7 +235,7 @@ class TestWithoutAWritableCgroup:
             # A guard killed behind emu's back: cpulimit dies with it (its death signal), and
             # QEMU is continued and said to run unthrottled.
             with emu_session.events.queue() as queue:
-                second.guard.kill()
+                second.guard.process.kill()
                 event = await asyncio.wait_for(queue.get(), 20)
             assert event.kind == "warning"
             assert "cpulimit ended on its own" in event.message
@@ -283,8 +283,9 @@ def test_emu_check_names_the_mechanism(
     emu_run: Any, emu_settings: HostSettings, cgroup_hierarchy: Hierarchy, tmp_path: Path
 ) -> None:
     def check(**qemu: Any) -> tuple[bool, str]:
-        hook = make_plugin_manager(environ={}).hook.emu_check
-        results = emu_run(call_in_order(hook, settings=with_qemu_settings(emu_settings, **qemu)))
+        manager = make_plugin_manager(environ={})
+        settings = with_qemu_settings(emu_settings, **qemu)
+        results = emu_run(call_each(manager, "emu_check", settings=settings))
         found = [r for batch in results for r in batch if r.subject == "cpu_throttling"]
         assert len(found) == 1
         return found[0].ok, found[0].detail
@@ -313,7 +314,7 @@ def test_the_guard_continues_its_target_after_killing_cpulimit(
             target.send_signal(signal.SIGSTOP)  # as cpulimit does, 80 % of the time here
             await cpulimit.stop()
             assert process_state(cpulimit.pid) == "gone"
-            assert cpulimit.guard.returncode == 0
+            assert cpulimit.guard.process.returncode == 0
             assert process_state(target.pid) == "R"  # continued, by the guard
         finally:
             target.kill()

@@ -24,7 +24,7 @@ from emu_vpcs.confine import ConfineError, install_seccomp
 from emu_vpcs.process import PROCESS as VPCS_PROCESS
 from emu_vpcs.process import launcher_argv, vpcs_pid
 
-from emu_qemu.binary import BINARY
+from emu_qemu.contract import PID as QEMU_PID
 from emu_qemu.process import PROCESS as QEMU_PROCESS
 from emu_tests.vpcs_fixtures import (
     VPCS_PROMPT,
@@ -35,7 +35,7 @@ from emu_tests.vpcs_fixtures import (
 )
 from emucore import hookimpl
 from emucore.errors import ConfigError, EmulatorExitedError, NodeError
-from emucore.hooks import call_in_order
+from emucore.hooks import call_each
 from emucore.models import HostSettings, NodeEvent, NodeStatus, Project, UdpNio
 from emucore.node import Node
 from emucore.plugins import make_plugin_manager
@@ -191,7 +191,7 @@ def test_the_command_line_of_a_connected_and_of_an_unconnected_node(session: Ses
 def check_vpcs(settings: HostSettings) -> CheckResult:
     # Blocked: the QEMU checks (the KVM probe boots a kernel) are not what this is about.
     manager = make_plugin_manager(environ={}, blocked=["qemu.accel", "qemu.binary"])
-    results = run(call_in_order(manager.hook.emu_check, settings=settings))
+    results = run(call_each(manager, "emu_check", settings=settings))
     found: list[CheckResult] = [r for group in results for r in group if r.subject == "vpcs"]
     assert len(found) == 1, found
     return found[0]
@@ -285,10 +285,10 @@ def test_a_qemu_guest_and_vpcs_ping_each_other_and_never_see_each_others_nodes(
         # Each kind's plugins worked on their own node only: argv and stash show it.
         assert guest.argv[0].endswith("qemu-system-x86_64")
         assert pc.argv[:3] == ["/usr/bin/vpcs", "-i", "1"]
-        assert BINARY in guest.stash
+        assert QEMU_PID in guest.stash
         assert QEMU_PROCESS in guest.stash
         assert VPCS_PROCESS not in guest.stash
-        assert BINARY not in pc.stash
+        assert QEMU_PID not in pc.stash
         assert QEMU_PROCESS not in pc.stash
         assert VPCS_PROCESS in pc.stash
         await asyncio.gather(guest.stop(), pc.stop())

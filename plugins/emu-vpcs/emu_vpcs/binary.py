@@ -14,12 +14,11 @@ from pathlib import Path
 import attrs
 
 from emu_vpcs import positions
-from emu_vpcs.properties import VpcsSettings
+from emu_vpcs.properties import VpcsNode, VpcsSettings
 from emucore import hookimpl
 from emucore.convert import structure
 from emucore.errors import ConfigError, NodeError
 from emucore.models import HostSettings
-from emucore.node import Node
 from emucore.paths import find_program
 from emucore.records import ArgFragment, CheckResult
 from emucore.stash import StashKey
@@ -46,12 +45,6 @@ BINARY = StashKey[VpcsBinary]()
 
 class BinaryError(NodeError):
     """The VPCS binary is missing, not executable, or not VPCS."""
-
-
-def settings_of(node: Node) -> VpcsSettings:
-    """The host's VPCS settings (defaults when the host set none)."""
-    settings = node.emulator_settings
-    return settings if isinstance(settings, VpcsSettings) else VpcsSettings()
 
 
 def locate(wanted: str, settings: VpcsSettings) -> VpcsBinary:
@@ -87,13 +80,13 @@ def _read_version(path: Path, _size: int, _mtime: int) -> str | None:
     return match.group(1) if match and "Virtual PC Simulator" in out else None
 
 
-def binary_of(node: Node) -> VpcsBinary:
+def binary_of(node: VpcsNode) -> VpcsBinary:
     """The node's binary, resolved once per start (``emu_prepare``) or now."""
     found = node.stash.get(BINARY, None)
     if found is None:
         wanted = node.properties.vpcs_path or "vpcs"
         try:
-            found = locate(wanted, settings_of(node))
+            found = locate(wanted, node.emulator_settings)
         except LookupError as exc:
             raise BinaryError(node.name, f"vpcs_path: {exc}") from None
         node.stash[BINARY] = found
@@ -101,14 +94,14 @@ def binary_of(node: Node) -> VpcsBinary:
 
 
 @hookimpl(trylast=True)
-def emu_prepare(node: Node) -> None:
+def emu_prepare(node: VpcsNode) -> None:
     """Resolve the binary afresh at each start (it may have been upgraded)."""
     node.stash.pop(BINARY, None)
     binary_of(node)
 
 
 @hookimpl(trylast=True)
-def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+def emu_build_args(node: VpcsNode) -> Sequence[ArgFragment]:
     """The binary is argv[0]."""
     return [ArgFragment(positions.PROGRAM, (str(binary_of(node).path),), "vpcs.binary")]
 

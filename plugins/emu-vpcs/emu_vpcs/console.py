@@ -9,12 +9,12 @@ prints is also in ``vpcs.log`` in the node directory, whether a client listens o
 
 from __future__ import annotations
 
-from emu_vpcs.process import terminal_of
+from emu_vpcs.properties import VpcsNode
+from emu_vpcs.terminal import terminal_of
 from emucore import hookimpl
 from emucore.claims import claim_tcp_port
 from emucore.errors import NodeError
 from emucore.models import ConsoleInfo
-from emucore.node import Node
 from emucore.stash import StashKey
 from emucore.telnetd import TelnetServer
 
@@ -24,14 +24,14 @@ SERVER = StashKey[TelnetServer]()
 
 
 @hookimpl(trylast=True)
-def emu_node_created(node: Node) -> None:
+def emu_node_created(node: VpcsNode) -> None:
     """A fixed console port belongs to one node at a time."""
     if node.properties.console and node.properties.console_type != "none":
         claim_tcp_port(node, node.properties.console, "console")
 
 
 @hookimpl(trylast=True)
-async def emu_started(node: Node) -> None:
+async def emu_started(node: VpcsNode) -> None:
     """Serve the telnet console and publish its address."""
     props = node.properties
     if props.console_type != "telnet":
@@ -50,7 +50,7 @@ async def emu_started(node: Node) -> None:
 
 
 @hookimpl(trylast=True)
-async def emu_stop(node: Node) -> None:
+async def emu_stop(node: VpcsNode) -> None:
     """Stop serving the console; its clients are disconnected."""
     server = node.stash.pop(SERVER, None)
     if server is not None:

@@ -9,13 +9,12 @@ steal each other's frames. With one byte there are 256 MACs per project.
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Sequence
 
 from emu_vpcs import positions
+from emu_vpcs.properties import VpcsNode
 from emucore import hookimpl
 from emucore.errors import ConfigError
-from emucore.node import Node
 from emucore.records import ArgFragment
 from emucore.stash import StashKey
 
@@ -23,24 +22,21 @@ EMULATOR = "vpcs"
 
 MAC_BYTE = StashKey[int]()
 
-# (project id, last byte) -> (node id, node name) of the VPCS node holding that MAC.
-_holders: dict[tuple[uuid.UUID, int], tuple[uuid.UUID, str]] = {}
 
-
-def _derived(node: Node) -> int:
+def _derived(node: VpcsNode) -> int:
     digest = hashlib.sha256(f"{node.project.id}/{node.config.id}".encode()).digest()
     return digest[0]
 
 
-def _holder(node: Node, byte: int) -> str | None:
-    """The name of another node holding ``byte`` in the node's project, if any."""
-    held = _holders.get((node.project.id, byte))
-    return held[1] if held is not None and held[0] != node.config.id else None
+def _take(node: VpcsNode, byte: int) -> VpcsNode | None:
+    """Claim ``byte`` in the node's project; the node holding it already, if another."""
+    other: VpcsNode | None = node.claims.take(node, "VPCS MAC", (node.project.id, byte))
+    return other
 
 
 @hookimpl(trylast=True)
-def emu_node_created(node: Node) -> None:
-    """Claim the node's MAC within its project.
+def emu_node_created(node: VpcsNode) -> None:
+    """Claim the node's MAC within its project (the session releases the claim).
 
     :raises ConfigError: ``mac_address`` is held by another VPCS node, or all 256 are taken.
     """
@@ -48,34 +44,24 @@ def emu_node_created(node: Node) -> None:
     wanted = node.properties.mac_address
     if wanted:
         byte = int(wanted[-2:], 16)
-        other = _holder(node, byte)
+        other = _take(node, byte)
         if other is not None:
             raise ConfigError(
                 where,
-                [f"$.mac_address: {wanted} is held by VPCS node {other!r}; choose another"],
+                [f"$.mac_address: {wanted} is held by VPCS node {other.name!r}; choose another"],
             )
     else:
         start = _derived(node)
-        free = (b % 256 for b in range(start, start + 256) if _holder(node, b % 256) is None)
+        free = (b % 256 for b in range(start, start + 256) if _take(node, b % 256) is None)
         byte = next(free, -1)
         if byte < 0:
             raise ConfigError(
                 where, ["$.mac_address: all 256 VPCS MAC addresses of this project are taken"]
             )
-    _holders[(node.project.id, byte)] = (node.config.id, node.name)
     node.stash[MAC_BYTE] = byte
 
 
 @hookimpl(trylast=True)
-def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+def emu_build_args(node: VpcsNode) -> Sequence[ArgFragment]:
     """``-m XX``: the last byte of the MAC address."""
     return [ArgFragment(positions.MAC, ("-m", str(node.stash[MAC_BYTE])), "vpcs.mac")]
-
-
-@hookimpl(trylast=True)
-def emu_close(node: Node) -> None:
-    """Give the MAC back to the project."""
-    byte = node.stash.pop(MAC_BYTE, None)
-    key = (node.project.id, byte) if byte is not None else None
-    if key is not None and _holders.get(key, (None, ""))[0] == node.config.id:
-        del _holders[key]

@@ -15,31 +15,32 @@ Here VPCS runs in the foreground (no ``-p``) with a pty as its terminal (see
    before the kernel could help.
 
 Start: VPCS runs the startup script, then shows its prompt; the node is started when the
-prompt shows (setting an address takes ~3 s: VPCS checks for a duplicate). A task waits on
-the process, so an exit is seen at once. Stop: SIGTERM (VPCS does not catch it), a bounded
-wait, SIGKILL. Suspend and resume are SIGSTOP and SIGCONT; reload restarts VPCS.
+prompt shows (setting an address takes ~3 s: VPCS checks for a duplicate). The process is
+watched (:class:`emucore.process.Supervised`), so an exit is seen at once. Stop: SIGTERM
+(VPCS does not catch it), a bounded wait, SIGKILL. Suspend and resume are SIGSTOP and
+SIGCONT; reload restarts VPCS.
+
+Links: VPCS cannot change its tunnel while it runs, so attaching, replacing or removing the
+NIO of a running node, or setting its link down or up, restarts VPCS with the command line
+the node calls for now (``vpcs.network`` builds it from the adapter).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import attrs
-
 from emu_vpcs import positions
-from emu_vpcs.binary import settings_of
-from emu_vpcs.terminal import PROMPT, Terminal
+from emu_vpcs.properties import VpcsNode
+from emu_vpcs.terminal import PROMPT, TERMINAL, Terminal, terminal_of
 from emucore import hookimpl
 from emucore.errors import EmuError, EmulatorExitedError, NodeStateError
-from emucore.models import NodeStatus
-from emucore.node import Node
-from emucore.process import reap_pidfile, spawn, terminate, write_pidfile
+from emucore.models import Nio, NodeStatus, UdpNio
+from emucore.process import Supervised
 from emucore.records import ArgFragment
 from emucore.stash import StashKey
 
@@ -49,45 +50,13 @@ LOG_NAME = "vpcs.log"
 PIDFILE_NAME = "vpcs.pid"
 LAUNCHER = Path(__file__).with_name("confine.py")
 
-
-@attrs.define
-class VpcsProcess:
-    """A running VPCS.
-
-    :ivar process: the asyncio process.
-    :ivar watcher: the task waiting for its exit.
-    :ivar stopping: set when emu ends it, so its exit is not reported as a crash.
-    """
-
-    process: asyncio.subprocess.Process
-    watcher: asyncio.Task[None] | None = None
-    stopping: bool = False
-
-    @property
-    def alive(self) -> bool:
-        """Whether the process still runs."""
-        return self.process.returncode is None
+PROCESS = StashKey[Supervised]()
 
 
-PROCESS = StashKey[VpcsProcess]()
-TERMINAL = StashKey[Terminal]()
-
-
-def vpcs_pid(node: Node) -> int | None:
+def vpcs_pid(node: VpcsNode) -> int | None:
     """The pid of the node's VPCS while it runs."""
     running = node.stash.get(PROCESS, None)
-    return running.process.pid if running and running.alive else None
-
-
-def terminal_of(node: Node) -> Terminal:
-    """The node's terminal (while it runs).
-
-    :raises NodeStateError: the node is not running.
-    """
-    terminal = node.stash.get(TERMINAL, None)
-    if terminal is None:
-        raise NodeStateError(node.name, "VPCS is not running")
-    return terminal
+    return running.pid if running and running.alive else None
 
 
 def launcher_argv(confine: bool) -> list[str]:
@@ -96,39 +65,37 @@ def launcher_argv(confine: bool) -> list[str]:
 
 
 @hookimpl(trylast=True)
-def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+def emu_build_args(node: VpcsNode) -> Sequence[ArgFragment]:
     """``-i 1``: one virtual PC, in the foreground (never ``-p``, which forks)."""
     return [ArgFragment(positions.INSTANCES, ("-i", "1"), "vpcs.process")]
 
 
 @hookimpl(trylast=True)
-async def emu_start(node: Node, argv: Sequence[str]) -> None:
+async def emu_start(node: VpcsNode, argv: Sequence[str]) -> None:
     """Launch VPCS on a new terminal and wait for its prompt."""
     terminal = Terminal(node.directory / LOG_NAME)
     node.stash[TERMINAL] = terminal
     await _launch(node, argv, terminal)
 
 
-async def _launch(node: Node, argv: Sequence[str], terminal: Terminal) -> VpcsProcess:
-    settings = settings_of(node)
-    await reap_pidfile(node.directory / PIDFILE_NAME)
+async def _launch(node: VpcsNode, argv: Sequence[str], terminal: Terminal) -> Supervised:
+    settings = node.emulator_settings
     slave = terminal.open_pty()
     ready = terminal.expect(PROMPT)  # before the spawn: the prompt cannot slip past
     try:
         try:
-            process = await spawn(
+            running = await Supervised.start(
                 [*launcher_argv(settings.confine), *argv],
                 cwd=node.directory,
+                pidfile=node.directory / PIDFILE_NAME,
                 stdin=slave,
                 output=slave,
+                on_exit=lambda returncode: _exited(node, terminal, returncode),
             )
         finally:
             # VPCS holds the only slave side now: its exit shows as a hangup.
             os.close(slave)
-        write_pidfile(node.directory / PIDFILE_NAME, process.pid, str(node.directory))
-        running = VpcsProcess(process)
         node.stash[PROCESS] = running
-        running.watcher = asyncio.get_running_loop().create_task(_watch(node, running, terminal))
         try:
             shown = await asyncio.wait_for(ready, settings.start_timeout)
         except TimeoutError:
@@ -140,35 +107,21 @@ async def _launch(node: Node, argv: Sequence[str], terminal: Terminal) -> VpcsPr
                 terminal.tail(),
             ) from None
         if not shown:
-            with contextlib.suppress(TimeoutError):  # the exit code comes a moment later
-                await asyncio.wait_for(process.wait(), 2)
-            raise EmulatorExitedError(
-                node.name, "VPCS did not start", process.returncode, terminal.tail()
-            )
+            returncode = await running.wait(2)  # the exit code comes a moment later
+            raise EmulatorExitedError(node.name, "VPCS did not start", returncode, terminal.tail())
         return running
     finally:
         ready.cancel()
 
 
-async def _watch(node: Node, running: VpcsProcess, terminal: Terminal) -> None:
-    returncode = await running.process.wait()
-    if running.stopping:
-        return
+def _exited(node: VpcsNode, terminal: Terminal, returncode: int) -> None:
     if returncode == 0:
         node.emulator_exited(returncode, "", "VPCS quit (its 'quit' command)", kind="info")
     else:
         node.emulator_exited(returncode, terminal.tail())
 
 
-async def _end(node: Node, running: VpcsProcess) -> None:
-    running.stopping = True
-    await terminate(running.process, grace=settings_of(node).stop_timeout)
-    if running.watcher is not None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await running.watcher
-
-
-async def restart(node: Node, argv: Sequence[str], reason: str, *, run: bool = False) -> None:
+async def restart(node: VpcsNode, argv: Sequence[str], reason: str, *, run: bool = False) -> None:
     """End the node's VPCS and start it again with ``argv``, on the same terminal.
 
     Console clients stay connected and see ``[emu] VPCS restarts: <reason>``. A suspended
@@ -180,7 +133,7 @@ async def restart(node: Node, argv: Sequence[str], reason: str, *, run: bool = F
     terminal = terminal_of(node)
     running = node.stash.pop(PROCESS, None)
     if running is not None:
-        await _end(node, running)
+        await running.stop(node.emulator_settings.stop_timeout)
     terminal.note(f"VPCS restarts: {reason}")
     try:
         running = await _launch(node, argv, terminal)
@@ -192,41 +145,82 @@ async def restart(node: Node, argv: Sequence[str], reason: str, *, run: bool = F
         raise
     node.argv = list(argv)
     if node.status is NodeStatus.SUSPENDED and not run:
-        running.process.send_signal(signal.SIGSTOP)
+        running.send_signal(signal.SIGSTOP)
 
 
 @hookimpl(trylast=True)
-async def emu_stop(node: Node) -> None:
-    """Terminate VPCS (bounded), close its terminal, remove the pidfile."""
+async def emu_stop(node: VpcsNode) -> None:
+    """Terminate VPCS (bounded), close its terminal; the pidfile goes with it."""
     running = node.stash.pop(PROCESS, None)
     if running is not None:
-        await _end(node, running)
+        await running.stop(node.emulator_settings.stop_timeout)
     terminal = node.stash.pop(TERMINAL, None)
     if terminal is not None:
         terminal.close()
     (node.directory / PIDFILE_NAME).unlink(missing_ok=True)
 
 
-def _signal(node: Node, number: signal.Signals) -> None:
+def _signal(node: VpcsNode, number: signal.Signals) -> None:
     running = node.stash.get(PROCESS, None)
     if running is None or not running.alive:
         raise NodeStateError(node.name, "VPCS is not running")
-    running.process.send_signal(number)
+    running.send_signal(number)
 
 
 @hookimpl(trylast=True)
-def emu_suspend(node: Node) -> None:
+def emu_suspend(node: VpcsNode) -> None:
     """SIGSTOP: VPCS stops answering (a fatal signal still ends it)."""
     _signal(node, signal.SIGSTOP)
 
 
 @hookimpl(trylast=True)
-def emu_resume(node: Node) -> None:
+def emu_resume(node: VpcsNode) -> None:
     """SIGCONT."""
     _signal(node, signal.SIGCONT)
 
 
 @hookimpl(trylast=True)
-async def emu_reload(node: Node) -> None:
+async def emu_reload(node: VpcsNode) -> None:
     """Restart VPCS with the same command line: its startup script runs again."""
     await restart(node, node.argv, "reload", run=True)
+
+
+# -- links: VPCS cannot change its tunnel while it runs, so a change restarts it -----------
+
+
+async def _relaunch(node: VpcsNode, reason: str) -> None:
+    """Restart VPCS with the command line the node's adapters call for now (the core
+    records an adapter's change before calling the hooks), unless it stays the same."""
+    argv = node.hooks.build_args(node)
+    if argv != node.argv:
+        await restart(node, argv, reason)
+
+
+def _describe(nio: Nio) -> str:
+    if isinstance(nio, UdpNio):
+        return f"UDP {nio.local_port} -> {nio.remote_host}:{nio.remote_port}"
+    return type(nio).__name__
+
+
+@hookimpl(trylast=True)
+async def emu_attach_nio(node: VpcsNode, adapter: int, nio: Nio) -> None:
+    """Restart VPCS connected to ``nio`` (to the sink while the link is down)."""
+    await _relaunch(node, f"adapter {adapter} connected ({_describe(nio)})")
+
+
+@hookimpl(trylast=True)
+async def emu_update_nio(node: VpcsNode, adapter: int, old: Nio, new: Nio) -> None:
+    """Restart VPCS connected to ``new`` (VPCS cannot change its tunnel live)."""
+    await _relaunch(node, f"adapter {adapter} relinked ({_describe(new)})")
+
+
+@hookimpl(trylast=True)
+async def emu_detach_nio(node: VpcsNode, adapter: int, nio: Nio) -> None:
+    """Restart VPCS sending to the sink."""
+    await _relaunch(node, f"adapter {adapter} disconnected")
+
+
+@hookimpl(trylast=True)
+async def emu_set_link(node: VpcsNode, adapter: int, up: bool) -> None:
+    """Link down: restart VPCS on the sink, keeping the NIO; link up: back on the NIO."""
+    await _relaunch(node, f"adapter {adapter} link {'up' if up else 'down'}")

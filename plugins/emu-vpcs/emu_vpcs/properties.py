@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from emucore.node import Node
 from emucore.validators import in_range, one_of, printable
 
 CONSOLE_TYPES = frozenset(("telnet", "none"))
@@ -156,3 +157,7 @@ class VpcsSettings:
     start_timeout: float = attrs.field(default=30.0, validator=in_range(1, 600))
     stop_timeout: float = attrs.field(default=5.0, validator=in_range(0, 600))
     confine: bool = True
+
+
+VpcsNode = Node[VpcsProperties, VpcsSettings]
+"""A node of the ``vpcs`` kind, as VPCS' hook implementations receive it."""

@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from emu_vpcs import positions
-from emu_vpcs.properties import parse_interface
+from emu_vpcs.properties import VpcsNode, parse_interface
 from emucore import hookimpl
 from emucore.files import write_atomic
 from emucore.models import NodeStatus
-from emucore.node import Node
 from emucore.records import ArgFragment
 
 EMULATOR = "vpcs"
@@ -26,12 +25,12 @@ EMULATOR = "vpcs"
 SCRIPT_NAME = "startup.vpc"
 
 
-def script_path(node: Node) -> Path:
+def script_path(node: VpcsNode) -> Path:
     """Where the node's startup script is written."""
     return node.directory / SCRIPT_NAME
 
 
-def script_text(node: Node) -> str:
+def script_text(node: VpcsNode) -> str:
     """The startup script the node's properties describe."""
     props = node.properties
     if props.startup_script:
@@ -46,13 +45,13 @@ def script_text(node: Node) -> str:
 
 
 @hookimpl(trylast=True)
-def emu_prepare(node: Node) -> None:
+def emu_prepare(node: VpcsNode) -> None:
     """Write the script at each start (a dry run writes nothing)."""
     if node.status is NodeStatus.STARTING:
         write_atomic(script_path(node), script_text(node))
 
 
 @hookimpl(trylast=True)
-def emu_build_args(node: Node) -> Sequence[ArgFragment]:
+def emu_build_args(node: VpcsNode) -> Sequence[ArgFragment]:
     """The script's absolute path, VPCS' one positional argument, last."""
     return [ArgFragment(positions.STARTUP_SCRIPT, (str(script_path(node)),), "vpcs.startup")]

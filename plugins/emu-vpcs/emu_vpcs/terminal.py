@@ -31,6 +31,9 @@ import termios
 from pathlib import Path
 
 from emucore.consoles import INPUT_LIMIT, ConsoleHub
+from emucore.errors import NodeStateError
+from emucore.node import Node
+from emucore.stash import StashKey
 
 log = logging.getLogger("emu.vpcs")
 
@@ -192,3 +195,18 @@ class Terminal(ConsoleHub):
             self._set_ready(True)
             if self._pending:
                 self._flush()
+
+
+TERMINAL = StashKey[Terminal]()
+"""The node's terminal while it runs: set by ``vpcs.process``, served by ``vpcs.console``."""
+
+
+def terminal_of(node: Node) -> Terminal:
+    """The node's terminal (while it runs).
+
+    :raises NodeStateError: the node is not running.
+    """
+    terminal = node.stash.get(TERMINAL, None)
+    if terminal is None:
+        raise NodeStateError(node.name, "VPCS is not running")
+    return terminal
