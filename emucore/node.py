@@ -24,7 +24,7 @@ from typing_extensions import TypeVar
 from emucore.claims import Claims
 from emucore.errors import CaptureUnsupportedError, EmuError, NodeError, NodeStateError
 from emucore.events import EventBus
-from emucore.files import private_dir
+from emucore.files import prepare_for_child, private_dir
 from emucore.hooks import NodeHooks
 from emucore.models import (
     Adapter,
@@ -362,6 +362,9 @@ class Node(Generic[P, S]):
                 )
             path = Path(path).absolute()
             path.parent.mkdir(parents=True, exist_ok=True)
+            # The emulator opens the file by name: leave it a fresh regular file, so a link
+            # planted there is never followed.
+            prepare_for_child(path)
             taken = await self._guard("capture", self.hooks.capture(self, adapter, path))
             if not taken:
                 raise CaptureUnsupportedError(

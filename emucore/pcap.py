@@ -15,7 +15,9 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import IO
+
+from emucore.files import create_file
 
 MAGIC = 0xA1B2C3D4
 LINKTYPE_ETHERNET = 1
@@ -39,7 +41,8 @@ class PcapWriter:
         :raises OSError: the file cannot be created or written.
         """
         self.path = Path(path)
-        self._file: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 - kept open until close()
+        # Never through a link planted at the path (see emucore.files).
+        self._file: IO[bytes] | None = create_file(self.path, "wb")
         try:
             self._file.write(_GLOBAL_HEADER.pack(MAGIC, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET))
             self._file.flush()

@@ -208,6 +208,28 @@ def test_emu_never_writes_through_a_link_in_a_node_directory(qemu_lab: QemuLab) 
         assert target.read_bytes() == SECRET * 1024
 
 
+def test_a_capture_never_writes_through_a_planted_link(qemu_lab: QemuLab) -> None:
+    """QEMU opens a capture file by name; the core leaves it a fresh regular file first."""
+    target = victim(qemu_lab.root / "elsewhere", "capture-target")
+    node = qemu_lab.node()
+    node.make_directory()
+    capture = node.directory / "capture.pcap"
+    capture.symlink_to(target)
+
+    async def body() -> bytes:
+        try:
+            await node.start()
+            await node.start_capture(0, capture)
+            await node.stop_capture(0)
+            return capture.read_bytes()
+        finally:
+            await node.stop()
+
+    assert run(body())[:4] in (b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4")  # a pcap header
+    assert not capture.is_symlink()
+    assert target.read_bytes() == SECRET * 1024
+
+
 # -- 10. long lines into a VPCS console ---------------------------------------------------------
 
 
