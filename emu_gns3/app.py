@@ -20,9 +20,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from emu_gns3 import images
+from emu_gns3 import console, images
 from emu_gns3.bodies import (
     CaptureStart,
     ProjectCreate,
@@ -33,8 +33,8 @@ from emu_gns3.bodies import (
 )
 from emu_gns3.compute import Compute, ComputeProject, NodeEntry
 from emu_gns3.errors import BadRequest, Conflict, Unauthorized, error_response
+from emu_gns3.hostload import HostLoad, memory_bytes
 from emu_gns3.interfaces import interfaces
-from emu_gns3.notifications import HostLoad, memory_bytes
 from emu_gns3.settings import ServeSettings
 from emucore.convert import structure
 
@@ -42,12 +42,9 @@ log = logging.getLogger("emu.gns3")
 
 PREFIX = "/v3/compute"
 PCAP_TYPE = "application/vnd.tcpdump.pcap"
-# What a console WebSocket client may leave unsent before it is dropped.
-CONSOLE_BACKLOG = 1024
 
 COMPUTE = web.AppKey("compute", Compute)
 SETTINGS = web.AppKey("settings", ServeSettings)
-LOAD = web.AppKey("load", HostLoad)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -171,7 +168,7 @@ async def notifications(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=10)
     await ws.prepare(request)
     interval = request.app[SETTINGS].ping_interval
-    load = request.app[LOAD]
+    load = HostLoad(_compute(request).projects_dir)  # its own: CPU use since its last ping
 
     async def send() -> None:
         with _compute(request).notifier.listen() as queue:
@@ -280,8 +277,7 @@ async def delete_node(request: web.Request) -> web.Response:
 def _action(name: str) -> Handler:
     async def act(request: web.Request) -> web.Response:
         project, entry = _node(request)
-        await getattr(entry.node, name)()
-        await project.sync_console(entry)
+        await project.act(entry, name)
         return _no_content()
 
     act.__doc__ = f"``POST .../nodes/{{node_id}}/{name}``."
@@ -294,56 +290,23 @@ async def duplicate_node(request: web.Request) -> web.Response:
 
 
 async def reset_console(request: web.Request) -> web.Response:
-    """``POST .../nodes/{node_id}/console/reset``: disconnect the console's clients."""
-    project, entry = _node(request)
-    if entry.shared is not None:
-        shared, entry.shared = entry.shared, None
-        await shared.close()
-    await project.sync_console(entry)
+    """``POST .../nodes/{node_id}/console/reset``: restart the node's console server."""
+    _, entry = _node(request)
+    await console.reset(entry.node)
     return _no_content()
 
 
 async def console_ws(request: web.Request) -> web.StreamResponse:
     """``WS .../nodes/{node_id}/console/ws``: text in, the console's bytes out (binary)."""
-    project, entry = _node(request)
-    await project.sync_console(entry)
-    shared = entry.shared
-    if shared is None:
-        raise Conflict(f"node {entry.node.name!r} has no telnet console running")
+    _, entry = _node(request)
+    console.telnet_address(entry.node)  # refused before the upgrade when there is none
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
-    output: asyncio.Queue[bytes] = asyncio.Queue(CONSOLE_BACKLOG)
-
-    def send(chunk: bytes) -> bool:
-        if output.full():
-            return False  # a client that does not read is dropped, not buffered
-        output.put_nowait(chunk)
-        return True
-
-    async def pump() -> None:
-        while True:
-            await ws.send_bytes(await output.get())
-
-    detach = shared.attach(send)
-    tasks = [asyncio.create_task(pump()), asyncio.create_task(shared.ended.wait())]
-    tasks.append(asyncio.create_task(_type_into(ws, shared.write)))
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await console.bridge(ws, entry.node)
     finally:
-        detach()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         await ws.close()
     return ws
-
-
-async def _type_into(ws: web.WebSocketResponse, write: Callable[[bytes], None]) -> None:
-    async for message in ws:
-        if message.type == WSMsgType.TEXT:
-            write(message.data.encode())
-        elif message.type == WSMsgType.BINARY:
-            write(message.data)
 
 
 # -- NIOs and captures -----------------------------------------------------------------------
@@ -428,7 +391,6 @@ def make_app(compute: Compute, settings: ServeSettings) -> web.Application:
     app = web.Application(middlewares=[errors, authentication(settings)])
     app[COMPUTE] = compute
     app[SETTINGS] = settings
-    app[LOAD] = HostLoad(compute.projects_dir)
     project = PREFIX + "/projects/{project_id}"
     node = project + "/{kind:[a-z_]+}/nodes/{node_id}"
     port = node + r"/adapters/{adapter:\d{1,4}}/ports/{port:\d{1,4}}"
