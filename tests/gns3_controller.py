@@ -35,6 +35,7 @@ import dpkt
 
 from emu_tests.guest import TinyGuest
 from tests.helpers import emulators_mentioning
+from tests.netns import Hosts
 
 ROOT = Path(__file__).resolve().parent.parent
 GNS3SERVER = ROOT / ".venv-gns3" / "bin" / "gns3server"
@@ -374,3 +375,37 @@ async def compute_update(
                 ours = message.get("action") == "compute.updated"
                 if ours and event.get("compute_id") == compute_id and accept(event):
                     return dict(event)
+
+
+@contextlib.contextmanager
+def computes_on(
+    controller: Controller, root: Path, hosts: Hosts, names: Sequence[str] = ("host-a", "host-b")
+) -> Iterator[list[tuple[EmuCompute, str]]]:
+    """An ``emu serve`` on each host (inside its namespace, on its address), registered with
+    the controller under ``names``: ``[(compute, compute id), ...]``. At the end each is
+    stopped and unregistered; none may leave an emulator behind.
+    """
+    started: list[tuple[EmuCompute, str]] = []
+    computes: list[EmuCompute] = []
+    try:
+        for index, name in enumerate(names):
+            compute = start_emu_compute(
+                root,
+                controller.compute_user,
+                controller.compute_password,
+                host=hosts.addresses[index],
+                prefix=hosts.prefix(index),
+                name=name,
+            )
+            computes.append(compute)
+            started.append((compute, register(controller, compute, name)))
+        yield started
+    finally:
+        for compute in computes:
+            stop(compute.process)
+        for _, compute_id in started:
+            unregister(controller, compute_id)
+        left = {compute.host: compute.emulators() for compute in computes}
+        for compute in computes:
+            compute.remove_projects()
+        assert all(not found for found in left.values()), left
