@@ -441,6 +441,40 @@ def test_sigterm_stops_a_lab_on_the_controller(cluster: Cluster, tmp_path: Path)
     assert cluster.computes[1].emulators() == {}
 
 
+def test_a_killed_run_leaves_no_node_running(cluster: Cluster, tmp_path: Path) -> None:
+    """``emu run --controller`` killed with SIGKILL cannot delete its project; the controller
+    closes it once the run's notification WebSocket is gone (``auto_close``), and the
+    compute stops the node."""
+    lab = tmp_path / "lab.toml"
+    lab.write_text(
+        'name = "killed"\n[nodes.pc]\nemulator = "vpcs"\nip = "10.0.0.9/24"\ncompute = "host-a"\n'
+    )
+    base = cluster.controller.url.removesuffix("/v3")
+    argv = emu(
+        "run", str(lab), "--controller", base,
+        "--controller-password-file", str(password_file(tmp_path)),
+    )  # fmt: skip
+    process = subprocess.Popen(
+        argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        wait_for_line(process.stderr, "Running. Ctrl-C stops the lab.", 120)
+        assert cluster.computes[0].emulators() != {}
+    finally:
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 60
+    while cluster.computes[0].emulators():
+        assert time.monotonic() < deadline, "the controller did not close the project"
+        time.sleep(0.2)  # the controller waits 5 s after its last listener left
+    projects = cluster.controller.api("GET", "/projects")
+    killed = [p for p in projects if str(p["name"]).startswith("emu-killed-")]
+    assert [p["status"] for p in killed] == ["closed"], killed
+    for project_entry in killed:
+        cluster.controller.api("DELETE", f"/projects/{project_entry['project_id']}")
+
+
 # -- a compute killed ------------------------------------------------------------------------
 
 
