@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from emu_gns3 import console, images
 from emu_gns3.bodies import (
@@ -45,6 +45,9 @@ PCAP_TYPE = "application/vnd.tcpdump.pcap"
 
 COMPUTE = web.AppKey("compute", Compute)
 SETTINGS = web.AppKey("settings", ServeSettings)
+# The open WebSockets: closed first when emu serve stops (a client would hold its handler,
+# and the server's shutdown would wait for it).
+WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -167,6 +170,7 @@ async def notifications(request: web.Request) -> web.StreamResponse:
     message the compute publishes (see :mod:`emu_gns3.notifications`)."""
     ws = web.WebSocketResponse(heartbeat=10)
     await ws.prepare(request)
+    request.app[WEBSOCKETS].add(ws)
     interval = request.app[SETTINGS].ping_interval
     load = HostLoad(_compute(request).projects_dir)  # its own: CPU use since its last ping
 
@@ -191,6 +195,7 @@ async def notifications(request: web.Request) -> web.StreamResponse:
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             await sender
+        request.app[WEBSOCKETS].discard(ws)
         await ws.close()
     return ws
 
@@ -302,9 +307,11 @@ async def console_ws(request: web.Request) -> web.StreamResponse:
     console.telnet_address(entry.node)  # refused before the upgrade when there is none
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
+    request.app[WEBSOCKETS].add(ws)
     try:
         await console.bridge(ws, entry.node)
     finally:
+        request.app[WEBSOCKETS].discard(ws)
         await ws.close()
     return ws
 
@@ -386,11 +393,20 @@ async def upload_image(request: web.Request) -> web.Response:
 # -- the application -------------------------------------------------------------------------
 
 
+async def close_websockets(app: web.Application) -> None:
+    """Close every open WebSocket (notifications, consoles): ``emu serve`` is stopping."""
+    sockets = app[WEBSOCKETS]
+    for ws in list(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"emu serve is stopping")
+
+
 def make_app(compute: Compute, settings: ServeSettings) -> web.Application:
     """The aiohttp application serving ``compute`` under ``/v3/compute``."""
     app = web.Application(middlewares=[errors, authentication(settings)])
     app[COMPUTE] = compute
     app[SETTINGS] = settings
+    app[WEBSOCKETS] = set()
+    app.on_shutdown.append(close_websockets)
     project = PREFIX + "/projects/{project_id}"
     node = project + "/{kind:[a-z_]+}/nodes/{node_id}"
     port = node + r"/adapters/{adapter:\d{1,4}}/ports/{port:\d{1,4}}"
