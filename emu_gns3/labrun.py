@@ -559,11 +559,9 @@ async def _connect(controller: Controller, computes: Sequence[Mapping[str, Any]]
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
+    """The file's MD5, as the controller lists its images by."""
     with path.open("rb") as image:
-        while block := image.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(image, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 async def _write(chunks: Any, path: Path) -> None:

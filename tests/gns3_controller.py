@@ -34,6 +34,7 @@ import attrs
 import dpkt
 
 from emu_tests.guest import TinyGuest
+from emucore.telnet import TelnetConsole
 from tests.helpers import emulators_mentioning
 from tests.netns import Hosts
 
@@ -349,6 +350,35 @@ def icmp_between(pcap: bytes) -> set[tuple[str, str, str]]:
                 src, dst = (".".join(map(str, a)) for a in (packet.src, packet.dst))
                 found.add((kind, src, dst))
     return found
+
+
+async def captured_echoes(
+    controller: Controller, project: str, link: str, console: TelnetConsole, command: str
+) -> set[tuple[str, str, str]]:
+    """Capture ``link`` through the controller while ``command`` (a ping) runs on
+    ``console``; the ICMP echoes the controller's pcap stream held, read with dpkt."""
+    controller.api("POST", f"/projects/{project}/links/{link}/capture/start", {})
+    reader = PcapReader(controller, project, link)
+    reader.start()
+    _, output = await console.run(command, timeout=60)
+    assert ping(output)[0] >= 1, output
+    controller.api("POST", f"/projects/{project}/links/{link}/capture/stop", {})
+    await asyncio.to_thread(reader.join, 60)
+    assert not reader.is_alive(), "the pcap stream did not end with the capture"
+    return icmp_between(reader.data)
+
+
+async def suspend_and_resume(
+    controller: Controller, project: str, link: str, console: TelnetConsole, target: str
+) -> None:
+    """Suspend ``link`` through the controller (a ping of ``target`` on ``console`` fails),
+    then resume it (the ping passes)."""
+    controller.api("PUT", f"/projects/{project}/links/{link}", {"suspend": True})
+    _, output = await console.run(f"ping -c 2 -W 1 {target}", timeout=60)
+    assert ping(output)[0] == 0, output
+    controller.api("PUT", f"/projects/{project}/links/{link}", {"suspend": False})
+    _, output = await console.run(f"ping -c 5 -W 3 {target}", timeout=60)
+    assert ping(output)[0] >= 1, output
 
 
 async def compute_update(

@@ -31,13 +31,13 @@ from tests.gns3_controller import (
     ApiError,
     Controller,
     EmuCompute,
-    PcapReader,
-    icmp_between,
+    captured_echoes,
     ping,
     qemu_properties,
     register,
     start_emu_compute,
     stop,
+    suspend_and_resume,
     unregister,
     wait_status,
 )
@@ -182,24 +182,13 @@ def test_a_lab_runs_through_the_controller(
             _, output = await console.run("ping -c 3 -W 3 10.0.1.2", timeout=60)
             assert ping(output)[0] >= 1, output
 
-            controller.api("POST", f"/projects/{project}/links/{to_pc}/capture/start", {})
-            reader = PcapReader(controller, project, to_pc)
-            reader.start()
-            _, output = await console.run("ping -c 3 -W 3 10.0.1.2", timeout=60)
-            assert ping(output)[0] >= 1, output
-            controller.api("POST", f"/projects/{project}/links/{to_pc}/capture/stop", {})
-            await asyncio.to_thread(reader.join, 60)
-            assert not reader.is_alive(), "the pcap stream did not end with the capture"
-            echoes = icmp_between(reader.data)
+            echoes = await captured_echoes(
+                controller, project, to_pc, console, "ping -c 3 -W 3 10.0.1.2"
+            )
             assert ("request", "10.0.1.1", "10.0.1.2") in echoes
             assert ("reply", "10.0.1.2", "10.0.1.1") in echoes
 
-            controller.api("PUT", f"/projects/{project}/links/{impaired}", {"suspend": True})
-            _, output = await console.run("ping -c 2 -W 1 10.0.0.2", timeout=60)
-            assert ping(output)[0] == 0, output
-            controller.api("PUT", f"/projects/{project}/links/{impaired}", {"suspend": False})
-            _, output = await console.run("ping -c 5 -W 3 10.0.0.2", timeout=60)
-            assert ping(output)[0] >= 1, output
+            await suspend_and_resume(controller, project, impaired, console, "10.0.0.2")
         finally:
             await console.close()
 

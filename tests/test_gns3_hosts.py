@@ -40,14 +40,14 @@ from tests.gns3_controller import (
     ApiError,
     Controller,
     EmuCompute,
-    PcapReader,
+    captured_echoes,
     compute_update,
     computes_on,
-    icmp_between,
     ping,
     qemu_properties,
     register,
     start_emu_compute,
+    suspend_and_resume,
     unregister,
     wait_status,
 )
@@ -210,19 +210,15 @@ def test_vnc_spice_and_none_consoles_report_their_real_ports(
 def test_a_link_across_two_computes(cluster: Cluster, guest: TinyGuest) -> None:
     controller, hosts = cluster.controller, cluster.hosts
     with project(controller, "emu-hosts") as project_id:
-        a = add_node(
-            controller,
-            project_id,
-            cluster.ids[0],
-            "a",
-            qemu_properties(guest, "a", "tiny-initrd.img", eth0="10.0.0.1/24"),
-        )
-        b = add_node(
-            controller,
-            project_id,
-            cluster.ids[1],
-            "b",
-            qemu_properties(guest, "b", "tiny-initrd.img", eth0="10.0.0.2/24"),
+        a, b = (
+            add_node(
+                controller,
+                project_id,
+                compute_id,
+                name,
+                qemu_properties(guest, name, "tiny-initrd.img", eth0=f"10.0.0.{index}/24"),
+            )
+            for index, (name, compute_id) in enumerate(zip("ab", cluster.ids, strict=True), 1)
         )
         ends = [{"node_id": n, "adapter_number": 0, "port_number": 0} for n in (a, b)]
         body = {"nodes": ends, "filters": {"delay": [DELAY_MS, 0]}}
@@ -249,15 +245,14 @@ def test_a_link_across_two_computes(cluster: Cluster, guest: TinyGuest) -> None:
                 if hosts.isolated:  # the echoes crossed the wire between the namespaces
                     assert hosts.wire_packets(0) - sent >= received, "nothing on the wire"
 
-                await _capture(controller, project_id, link, first)
+                echoes = await captured_echoes(
+                    controller, project_id, link, first, "ping -c 3 -W 3 10.0.0.2"
+                )
+                assert ("request", "10.0.0.1", "10.0.0.2") in echoes, echoes
+                assert ("reply", "10.0.0.2", "10.0.0.1") in echoes, echoes
                 await _many_clients(controller, project_id, a, first, second)
 
-                controller.api("PUT", f"/projects/{project_id}/links/{link}", {"suspend": True})
-                _, output = await first.run("ping -c 2 -W 1 10.0.0.2", timeout=60)
-                assert ping(output)[0] == 0, output
-                controller.api("PUT", f"/projects/{project_id}/links/{link}", {"suspend": False})
-                _, output = await first.run("ping -c 5 -W 3 10.0.0.2", timeout=60)
-                assert ping(output)[0] >= 1, output
+                await suspend_and_resume(controller, project_id, link, first, "10.0.0.2")
 
                 await _reset(controller, project_id, a, host, port, first, second)
             finally:
@@ -269,23 +264,6 @@ def test_a_link_across_two_computes(cluster: Cluster, guest: TinyGuest) -> None:
         assert cluster.computes[0].emulators() == qemu_a
     for compute in cluster.computes:
         assert compute.emulators() == {}
-
-
-async def _capture(
-    controller: Controller, project_id: str, link: str, console: TelnetConsole
-) -> None:
-    """A capture of the cross-compute link, read from the controller's stream with dpkt."""
-    controller.api("POST", f"/projects/{project_id}/links/{link}/capture/start", {})
-    reader = PcapReader(controller, project_id, link)
-    reader.start()
-    _, output = await console.run("ping -c 3 -W 3 10.0.0.2", timeout=60)
-    assert ping(output)[0] >= 1, output
-    controller.api("POST", f"/projects/{project_id}/links/{link}/capture/stop", {})
-    await asyncio.to_thread(reader.join, 60)
-    assert not reader.is_alive(), "the pcap stream did not end with the capture"
-    echoes = icmp_between(reader.data)
-    assert ("request", "10.0.0.1", "10.0.0.2") in echoes, echoes
-    assert ("reply", "10.0.0.2", "10.0.0.1") in echoes, echoes
 
 
 async def _many_clients(
@@ -411,13 +389,14 @@ def test_a_lab_naming_an_unknown_compute_is_bad_input(cluster: Cluster, tmp_path
     assert not [p for p in controller_projects(cluster.controller) if "misplaced" in p]
 
 
-def test_sigterm_stops_a_lab_on_the_controller(cluster: Cluster, tmp_path: Path) -> None:
-    """A lab running on the controller (no checks: until a signal) ends with 143 on SIGTERM,
-    and its project is deleted from the controller, its node stopped on its compute."""
+@contextlib.contextmanager
+def running_lab(cluster: Cluster, tmp_path: Path, name: str, compute: str) -> Iterator[Any]:
+    """``emu run --controller`` of a one-VPCS-node lab on ``compute``, without checks (it
+    runs until a signal), once it says it runs; killed at the end if still alive."""
     lab = tmp_path / "lab.toml"
     lab.write_text(
-        'name = "signalled"\n[nodes.pc]\nemulator = "vpcs"\nip = "10.0.0.9/24"\n'
-        'compute = "host-b"\n'
+        f'name = "{name}"\n[nodes.pc]\nemulator = "vpcs"\nip = "10.0.0.9/24"\n'
+        f'compute = "{compute}"\n'
     )
     base = cluster.controller.url.removesuffix("/v3")
     argv = emu(
@@ -430,13 +409,20 @@ def test_sigterm_stops_a_lab_on_the_controller(cluster: Cluster, tmp_path: Path)
     try:
         assert process.stderr is not None
         wait_for_line(process.stderr, "Running. Ctrl-C stops the lab.", 120)
-        assert cluster.computes[1].emulators() != {}
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 143
+        yield process
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_sigterm_stops_a_lab_on_the_controller(cluster: Cluster, tmp_path: Path) -> None:
+    """A lab running on the controller (no checks: until a signal) ends with 143 on SIGTERM,
+    and its project is deleted from the controller, its node stopped on its compute."""
+    with running_lab(cluster, tmp_path, "signalled", "host-b") as process:
+        assert cluster.computes[1].emulators() != {}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 143
     assert not [p for p in controller_projects(cluster.controller) if "signalled" in p]
     assert cluster.computes[1].emulators() == {}
 
@@ -445,23 +431,8 @@ def test_a_killed_run_leaves_no_node_running(cluster: Cluster, tmp_path: Path) -
     """``emu run --controller`` killed with SIGKILL cannot delete its project; the controller
     closes it once the run's notification WebSocket is gone (``auto_close``), and the
     compute stops the node."""
-    lab = tmp_path / "lab.toml"
-    lab.write_text(
-        'name = "killed"\n[nodes.pc]\nemulator = "vpcs"\nip = "10.0.0.9/24"\ncompute = "host-a"\n'
-    )
-    base = cluster.controller.url.removesuffix("/v3")
-    argv = emu(
-        "run", str(lab), "--controller", base,
-        "--controller-password-file", str(password_file(tmp_path)),
-    )  # fmt: skip
-    process = subprocess.Popen(
-        argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stderr is not None
-        wait_for_line(process.stderr, "Running. Ctrl-C stops the lab.", 120)
+    with running_lab(cluster, tmp_path, "killed", "host-a") as process:
         assert cluster.computes[0].emulators() != {}
-    finally:
         process.kill()
         process.wait()
     deadline = time.monotonic() + 60
