@@ -83,6 +83,11 @@ class RemoteNode:
         """``started``, ``stopped`` or ``suspended``."""
         return str(self.answer.get("status", "stopped"))
 
+    @property
+    def node_status(self) -> NodeStatus:
+        """:attr:`status` as emu's."""
+        return _STATUSES.get(self.status, NodeStatus.STOPPED)
+
 
 @attrs.frozen
 class Placement:
@@ -395,7 +400,6 @@ class ControllerLabRunner(LabRunner):
 
     async def _watch(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Follow the project's notifications: node statuses and the computes' messages."""
-        by_id = {}
         async for message in ws:
             if message.type != aiohttp.WSMsgType.TEXT:
                 continue
@@ -403,7 +407,7 @@ class ControllerLabRunner(LabRunner):
                 notification = json.loads(message.data)
                 action, event = notification["action"], notification["event"]
                 if action == "node.updated":
-                    by_id = {r.node_id: n for n, r in self.remote.items()}
+                    by_id = {remote.node_id: name for name, remote in self.remote.items()}
                     name = by_id.get(str(event.get("node_id")))
                     if name is not None:
                         self._node_updated(name, event)
@@ -426,10 +430,11 @@ class ControllerLabRunner(LabRunner):
         assert self.session is not None
         node, _, text = message.partition(": ")
         if node in self.remote and text:
-            self.session.events.publish(NodeEvent(node, kind, text, NodeStatus.STARTED))
+            status = self.remote[node].node_status
+            self.session.events.publish(NodeEvent(node, kind, text, status))
         else:
-            host_wide = NodeEvent("controller", kind, message, NodeStatus.STARTED, host_wide=True)
-            self.session.events.publish(host_wide)
+            about = NodeEvent("controller", kind, message, NodeStatus.STARTED, host_wide=True)
+            self.session.events.publish(about)
 
     # -- captures ---------------------------------------------------------------------------
 
