@@ -42,7 +42,7 @@ nitpick_ignore_regex = [
         r"(?!emucore\.)([\w.]+\.)?(Awaitable|Sequence|Mapping|Iterable|Callable|Iterator|Any"
         r"|Path|Queue|UUID|TracebackType|T|D|Enum|PluginManager|HookCaller|HookimplMarker"
         r"|_SubParsersAction|ArgumentParser|AsyncIterator|Pattern|Match|Future|StreamReader"
-        r"|StreamWriter|socket|TimerHandle|Server)",
+        r"|StreamWriter|socket|TimerHandle|Server|Namespace)",
     ),
     ("py:class", r"emucore\.stash\.(T|D)"),
     ("py:class", r"emucore\.(hooks\.F|node\.P|node\.S)"),
@@ -73,6 +73,8 @@ SHORT_NAMES = {
     "PluginError": "emucore.errors.PluginError",
     "PortError": "emucore.errors.PortError",
     "EmuError": "emucore.errors.EmuError",
+    "LabRunner": "emucore.runner.LabRunner",
+    "LabSpec": "emucore.lab.LabSpec",
 }
 
 

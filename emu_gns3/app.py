@@ -20,9 +20,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, web
 
-from emu_gns3 import images
+from emu_gns3 import console, images
 from emu_gns3.bodies import (
     CaptureStart,
     ProjectCreate,
@@ -33,8 +33,8 @@ from emu_gns3.bodies import (
 )
 from emu_gns3.compute import Compute, ComputeProject, NodeEntry
 from emu_gns3.errors import BadRequest, Conflict, Unauthorized, error_response
+from emu_gns3.hostload import HostLoad, memory_bytes
 from emu_gns3.interfaces import interfaces
-from emu_gns3.notifications import HostLoad, memory_bytes
 from emu_gns3.settings import ServeSettings
 from emucore.convert import structure
 
@@ -42,12 +42,12 @@ log = logging.getLogger("emu.gns3")
 
 PREFIX = "/v3/compute"
 PCAP_TYPE = "application/vnd.tcpdump.pcap"
-# What a console WebSocket client may leave unsent before it is dropped.
-CONSOLE_BACKLOG = 1024
 
 COMPUTE = web.AppKey("compute", Compute)
 SETTINGS = web.AppKey("settings", ServeSettings)
-LOAD = web.AppKey("load", HostLoad)
+# The open WebSockets: closed first when emu serve stops (a client would hold its handler,
+# and the server's shutdown would wait for it).
+WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -170,8 +170,9 @@ async def notifications(request: web.Request) -> web.StreamResponse:
     message the compute publishes (see :mod:`emu_gns3.notifications`)."""
     ws = web.WebSocketResponse(heartbeat=10)
     await ws.prepare(request)
+    request.app[WEBSOCKETS].add(ws)
     interval = request.app[SETTINGS].ping_interval
-    load = request.app[LOAD]
+    load = HostLoad(_compute(request).projects_dir)  # its own: CPU use since its last ping
 
     async def send() -> None:
         with _compute(request).notifier.listen() as queue:
@@ -194,6 +195,7 @@ async def notifications(request: web.Request) -> web.StreamResponse:
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             await sender
+        request.app[WEBSOCKETS].discard(ws)
         await ws.close()
     return ws
 
@@ -280,8 +282,7 @@ async def delete_node(request: web.Request) -> web.Response:
 def _action(name: str) -> Handler:
     async def act(request: web.Request) -> web.Response:
         project, entry = _node(request)
-        await getattr(entry.node, name)()
-        await project.sync_console(entry)
+        await project.act(entry, name)
         return _no_content()
 
     act.__doc__ = f"``POST .../nodes/{{node_id}}/{name}``."
@@ -294,56 +295,25 @@ async def duplicate_node(request: web.Request) -> web.Response:
 
 
 async def reset_console(request: web.Request) -> web.Response:
-    """``POST .../nodes/{node_id}/console/reset``: disconnect the console's clients."""
-    project, entry = _node(request)
-    if entry.shared is not None:
-        shared, entry.shared = entry.shared, None
-        await shared.close()
-    await project.sync_console(entry)
+    """``POST .../nodes/{node_id}/console/reset``: restart the node's console server."""
+    _, entry = _node(request)
+    await console.reset(entry.node)
     return _no_content()
 
 
 async def console_ws(request: web.Request) -> web.StreamResponse:
     """``WS .../nodes/{node_id}/console/ws``: text in, the console's bytes out (binary)."""
-    project, entry = _node(request)
-    await project.sync_console(entry)
-    shared = entry.shared
-    if shared is None:
-        raise Conflict(f"node {entry.node.name!r} has no telnet console running")
+    _, entry = _node(request)
+    console.telnet_address(entry.node)  # refused before the upgrade when there is none
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
-    output: asyncio.Queue[bytes] = asyncio.Queue(CONSOLE_BACKLOG)
-
-    def send(chunk: bytes) -> bool:
-        if output.full():
-            return False  # a client that does not read is dropped, not buffered
-        output.put_nowait(chunk)
-        return True
-
-    async def pump() -> None:
-        while True:
-            await ws.send_bytes(await output.get())
-
-    detach = shared.attach(send)
-    tasks = [asyncio.create_task(pump()), asyncio.create_task(shared.ended.wait())]
-    tasks.append(asyncio.create_task(_type_into(ws, shared.write)))
+    request.app[WEBSOCKETS].add(ws)
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await console.bridge(ws, entry.node)
     finally:
-        detach()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        request.app[WEBSOCKETS].discard(ws)
         await ws.close()
     return ws
-
-
-async def _type_into(ws: web.WebSocketResponse, write: Callable[[bytes], None]) -> None:
-    async for message in ws:
-        if message.type == WSMsgType.TEXT:
-            write(message.data.encode())
-        elif message.type == WSMsgType.BINARY:
-            write(message.data)
 
 
 # -- NIOs and captures -----------------------------------------------------------------------
@@ -423,12 +393,20 @@ async def upload_image(request: web.Request) -> web.Response:
 # -- the application -------------------------------------------------------------------------
 
 
+async def close_websockets(app: web.Application) -> None:
+    """Close every open WebSocket (notifications, consoles): ``emu serve`` is stopping."""
+    sockets = app[WEBSOCKETS]
+    for ws in list(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"emu serve is stopping")
+
+
 def make_app(compute: Compute, settings: ServeSettings) -> web.Application:
     """The aiohttp application serving ``compute`` under ``/v3/compute``."""
     app = web.Application(middlewares=[errors, authentication(settings)])
     app[COMPUTE] = compute
     app[SETTINGS] = settings
-    app[LOAD] = HostLoad(compute.projects_dir)
+    app[WEBSOCKETS] = set()
+    app.on_shutdown.append(close_websockets)
     project = PREFIX + "/projects/{project_id}"
     node = project + "/{kind:[a-z_]+}/nodes/{node_id}"
     port = node + r"/adapters/{adapter:\d{1,4}}/ports/{port:\d{1,4}}"

@@ -3,8 +3,8 @@
 Every operation here translates one GNS3 request into calls of the core's API
 (:class:`~emucore.session.Session`, :class:`~emucore.node.Node`,
 :class:`~emucore.tunnels.Tunnel`) and keeps what GNS3 has and emu does not: node ids as the
-controller's keys, the shared console of each node, the capture file of each adapter. The
-HTTP layer (:mod:`emu_gns3.app`) parses bodies and renders answers around it.
+controller's keys, the capture file of each adapter. The HTTP layer (:mod:`emu_gns3.app`)
+parses bodies and renders answers around it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import pluggy
 from emu_gns3 import filters as gns3_filters
 from emu_gns3 import nodes
 from emu_gns3.bodies import CaptureStart, UdpNioBody
-from emu_gns3.console import SharedConsole
 from emu_gns3.errors import Conflict, NotFound
+from emu_gns3.hostload import check_memory
 from emu_gns3.notifications import Notifier
 from emucore.claims import Claims
 from emucore.convert import default_converter, structure
@@ -50,28 +50,15 @@ class NodeEntry:
     """What the front end keeps per node.
 
     :ivar node: the core's node.
-    :ivar console_port: the shared console's port: chosen by the user (``pinned``) or the
-        last one used, tried again at the next start.
-    :ivar shared: the shared console while the node runs.
     :ivar captures: the capture file of each captured adapter.
     """
 
     node: Node
-    console_port: int | None = None
-    pinned: bool = False
-    shared: SharedConsole | None = None
     captures: dict[int, Path] = attrs.Factory(dict)
-    lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
-
-    @property
-    def telnet(self) -> bool:
-        """Whether the node's console is telnet, which the front end shares."""
-        return bool(getattr(self.node.properties, "console_type", "telnet") == "telnet")
 
     def public_console(self) -> int | None:
-        """The ``console`` port GNS3 shows."""
-        if self.telnet:
-            return self.console_port
+        """The ``console`` port GNS3 shows: the real one while the node runs, else the
+        ``console`` property (``None`` when the host picks one at each start)."""
         if self.node.console is not None:
             return self.node.console.port
         port: int | None = getattr(self.node.properties, "console", None)
@@ -89,7 +76,6 @@ class ComputeProject:
         )
         self.nodes: dict[str, NodeEntry] = {}
         self.tunnels: dict[tuple[str, int], Tunnel] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe = self.session.events.subscribe(self._on_event)
 
     @property
@@ -124,55 +110,14 @@ class ComputeProject:
         if entry is None:
             return
         if event.kind == "status":
-            task = asyncio.get_running_loop().create_task(self._status_changed(entry))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if entry.node.status not in (NodeStatus.STARTING, NodeStatus.STOPPING):
+                # GNS3 has neither: the next event tells the outcome.
+                self.compute.notifier.publish("node.updated", self.render(entry))
         else:
             message = f"{event.node}: {event.message}"
             if event.details:
                 message += f"\n{event.details}"
-            self.compute.notifier.publish(f"log.{event.kind}", {"message": message})
-
-    async def _status_changed(self, entry: NodeEntry) -> None:
-        await self.sync_console(entry)
-        if entry.node.status in (NodeStatus.STARTING, NodeStatus.STOPPING):
-            return  # GNS3 has no such status: the next event tells the outcome
-        self.compute.notifier.publish("node.updated", self.render(entry))
-
-    async def sync_console(self, entry: NodeEntry) -> None:
-        """Open the shared console of a running telnet node, close it once the node stops."""
-        async with entry.lock:
-            node = entry.node
-            console = node.console
-            wanted = (
-                (console.host, console.port)
-                if node.is_running and console is not None and console.type == "telnet"
-                else None
-            )
-            shared = entry.shared
-            if shared is not None and shared.upstream != wanted:
-                entry.shared = None
-                await shared.close()
-            if wanted is None or entry.shared is not None:
-                return
-            entry.shared = await self._open_console(entry, wanted)
-
-    async def _open_console(
-        self, entry: NodeEntry, upstream: tuple[str, int]
-    ) -> SharedConsole | None:
-        host = self.compute.settings.console_host
-        ports = [entry.console_port or 0] + ([0] if entry.console_port and not entry.pinned else [])
-        for port in ports:
-            try:
-                shared = await SharedConsole.open(entry.node.name, upstream, (host, port))
-            except OSError as exc:
-                problem = f"console port {port} on {host}: {exc.strerror or exc}"
-                continue
-            entry.console_port = shared.port
-            return shared
-        message = f"{entry.node.name}: cannot share the console ({problem})"
-        self.compute.notifier.publish("log.error", {"message": message})
-        return None
+            self.compute.notifier.publish(f"log.{event.kind}", {"message": message}, self.id)
 
     # -- nodes -----------------------------------------------------------------------------
 
@@ -191,16 +136,10 @@ class ComputeProject:
         properties, ignored = nodes.split_properties(body, info.properties)
         name = body.get("name")
         where = f"node {name!r}" if isinstance(name, str) else "node"
-        console = body.get("console")
-        telnet = properties.get("console_type", "telnet") == "telnet"
-        if console is not None and not telnet:
-            properties["console"] = console
         nodes.missing_image(info.properties, properties, self.compute.settings)
         description = {"name": name, "node_id": node_id or str(uuid.uuid4()), **properties}
         node = self.session.add_node(description, emulator=kind, where=where)
         entry = NodeEntry(node)
-        if telnet and isinstance(console, int) and not isinstance(console, bool):
-            entry.console_port, entry.pinned = console, True
         self.nodes[str(node.config.id)] = entry
         self._warn_ignored(node.name, ignored)
         return entry
@@ -213,14 +152,13 @@ class ComputeProject:
         node = entry.node
         info = self.compute.emulator(node.emulator)
         properties, ignored = nodes.split_properties(body, info.properties)
+        if "console" in properties and properties["console"] == entry.public_console():
+            del properties["console"]  # the port it reported, replayed: no change
         current = self.session.node(node.name).properties
         changes = {k: v for k, v in properties.items() if _differs(current, k, v)}
         name = body.get("name", node.name)
         if name != node.name:
             changes["name"] = name
-        console = body.get("console")
-        if entry.telnet and isinstance(console, int) and console != entry.console_port:
-            entry.console_port, entry.pinned = console, True  # used from the next start
         if changes:
             if node.status is not NodeStatus.STOPPED:
                 keys = ", ".join(sorted(changes))
@@ -231,10 +169,19 @@ class ComputeProject:
             await self.session.update_node(node.name, changes, where=f"node {node.name!r}")
         self._warn_ignored(node.name, ignored)
 
+    async def act(self, entry: NodeEntry, action: str) -> None:
+        """Start, stop, suspend, resume or reload a node; a start is refused (409) when the
+        host lacks the RAM the node asks for (see :func:`~emu_gns3.hostload.check_memory`).
+        """
+        node = entry.node
+        if action == "start" and node.status is NodeStatus.STOPPED:
+            check_memory(node)
+        await getattr(node, action)()
+
     def _warn_ignored(self, name: str, ignored: list[str]) -> None:
         if ignored:
             message = f"{name}: ignored what emu does not implement: {', '.join(ignored)}"
-            self.compute.notifier.publish("log.warning", {"message": message})
+            self.compute.notifier.publish("log.warning", {"message": message}, self.id)
 
     async def delete_node(self, entry: NodeEntry) -> None:
         """Disconnect, stop and forget a node; its files stay until the project is deleted."""
@@ -244,7 +191,6 @@ class ComputeProject:
                 del self.tunnels[(owner, adapter)]
                 await self.session.untunnel(tunnel)
         await self.session.remove_node(entry.node.name)
-        await self.sync_console(entry)
         del self.nodes[node_id]
         self.compute.notifier.publish("node.deleted", self.render(entry))
 
@@ -353,15 +299,7 @@ class ComputeProject:
         """Stop every node and free every port; the files stay."""
         self._unsubscribe()
         self.tunnels.clear()
-        try:
-            await self.session.close()
-        finally:
-            for entry in self.nodes.values():
-                if entry.shared is not None:
-                    await entry.shared.close()
-                    entry.shared = None
-            for task in list(self._tasks):
-                task.cancel()
+        await self.session.close()
 
 
 def _differs(current: Any, key: str, value: Any) -> bool:

@@ -5,8 +5,9 @@ The controller keeps every key of the node JSON a compute returned and sends the
 body is filtered to the emulator's property fields (``EmulatorInfo.properties``) and the
 rest is ignored; keys emu knows nothing of whose value would change a node (``tpm: true``)
 are reported back as a ``log.warning`` notification, never silently dropped. ``console`` is
-special: for a telnet console it is the port of the console the front end shares (see
-:mod:`emu_gns3.console`), not the emulator's.
+answered with the port the running node's console really has (the host picks one at each
+start unless the property sets it), so the controller replays that port: an update carrying
+it unchanged changes nothing (see :meth:`~emu_gns3.compute.ComputeProject.update_node`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from emucore.node import Node
 ANSWER_KEYS = frozenset(
     ("name", "node_id", "project_id", "compute_id", "node_directory", "status", "command_line")
 )
-# Keys handled by the front end itself.
-FRONT_END_KEYS = frozenset(("console",))
 # GNS3's values that mean "nothing asked for" for keys emu lacks.
 _NEUTRAL: tuple[Any, ...] = (None, "", False, 0, "none", [], {})
 # GNS3 node statuses: emu's transitional ones show as the status they leave.
@@ -52,11 +51,11 @@ def split_properties(
 ) -> tuple[dict[str, Any], list[str]]:
     """The body's emulator properties, and the unknown keys it asked something of.
 
-    :return: the keys that are fields of ``properties`` (minus ``console``), and
+    :return: the keys that are fields of ``properties``, and
         ``key=value`` for each other key whose value is not neutral.
     """
     fields = {field.name for field in attrs.fields(properties)}
-    known = {k: v for k, v in body.items() if k in fields and k not in FRONT_END_KEYS}
+    known = {k: v for k, v in body.items() if k in fields}
     ignored = [
         f"{key}={value!r}"
         for key, value in body.items()

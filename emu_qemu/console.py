@@ -34,7 +34,7 @@ from emucore.errors import NodeError
 from emucore.models import ConsoleInfo, NodeStatus
 from emucore.records import ArgFragment
 from emucore.stash import StashKey
-from emucore.telnetd import TelnetServer
+from emucore.telnetd import CONSOLE_SERVER, TelnetServer
 
 EMULATOR = "qemu"
 
@@ -187,6 +187,7 @@ async def emu_started(node: QemuNode) -> None:
                 node.name, f"console: QEMU did not connect its serial port in {CONNECT_TIMEOUT:g} s"
             ) from None
         await held.telnet.serve(held.hub)
+        node.stash[CONSOLE_SERVER] = held.telnet  # where hosts find it (console reset)
         node.console = ConsoleInfo("telnet", host, held.telnet.port)
     elif props.console_type == "vnc":
         vnc = await monitor_of(node).execute("query-vnc")
@@ -203,6 +204,7 @@ async def emu_stopped(node: QemuNode) -> None:
     held = node.stash.pop(CONSOLE, None)
     if held is None:
         return
+    node.stash.pop(CONSOLE_SERVER, None)
     held.server.close()
     await held.hub.drain(DRAIN_TIMEOUT)
     await held.telnet.close()

@@ -153,7 +153,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.settings)
     if not args.verbose:  # the progress display shows the events; the log would repeat them
         logging.getLogger("emu").setLevel(logging.CRITICAL)
-    runner = LabRunner(
+    plugins = make_plugin_manager(blocked=settings.blocked_plugins)
+    # A plugin may run the lab elsewhere (emu_lab_runner), driven here as a local run is.
+    taken = plugins.hook.emu_lab_runner(lab=lab, lab_file=lab_file, settings=settings, options=args)
+    runner: LabRunner = taken or LabRunner(
         lab, lab_file, settings=settings, project_dir=args.project_dir, jobs=args.jobs
     )
     return asyncio.run(_run_lab(runner, checks, args))

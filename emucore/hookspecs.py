@@ -44,9 +44,11 @@ from emucore.hooks import may_be_async
 if TYPE_CHECKING:
     import argparse
 
+    from emucore.lab import LabSpec
     from emucore.models import HostSettings, Nio
     from emucore.node import Node
     from emucore.records import ArgFragment, CheckResult, EmulatorInfo, LabImage
+    from emucore.runner import LabRunner
 
 
 @hookspec
@@ -389,4 +391,28 @@ def emu_add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     :return: nothing.
 
     Results are collected (and ignored). Sync.
+    """
+
+
+@hookspec(firstresult=True)
+def emu_lab_runner(
+    lab: LabSpec, lab_file: Path, settings: HostSettings, options: argparse.Namespace
+) -> LabRunner | None:
+    """Take over ``emu run``: return the runner that runs this lab elsewhere (e.g. on a
+    cluster), or ``None`` to leave it to the local :class:`~emucore.runner.LabRunner`.
+
+    A plugin adds the options that ask for it to ``emu run`` in ``emu_add_commands``
+    (``subparsers.choices["run"].add_argument(...)``) and reads them here. The runner it
+    returns is a ``LabRunner`` (usually a subclass overriding ``start``, ``stop`` and
+    ``state``): ``emu run`` drives it exactly as a local one, so progress, ``--json``,
+    ``--check`` and the exit codes stay the same.
+
+    :param lab: the validated lab file.
+    :param lab_file: its path.
+    :param settings: the host's settings (``--settings``).
+    :param options: the parsed ``emu run`` options (``project_dir``, ``jobs``, and the
+        plugin's own).
+    :return: a runner, or ``None``.
+
+    The first non-``None`` result wins. Sync.
     """

@@ -7,6 +7,10 @@ ECHO``, ``WILL SUPPRESS-GO-AHEAD``: the guest echoes and edits the line itself),
 telnet negotiation they send, turns telnet's Enter (CR LF or CR NUL) into one CR and its
 Interrupt Process into Ctrl-C. A client that does not read its output is disconnected rather
 than buffered forever.
+
+A host finds a node's server under :data:`CONSOLE_SERVER` in the node's stash (a plugin that
+serves a node's console with a :class:`TelnetServer` puts it there while it serves), to
+:meth:`~TelnetServer.restart` it without touching the emulator (GNS3's ``console/reset``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import socket
 
 from emucore.consoles import ConsoleHub
+from emucore.stash import StashKey
 
 log = logging.getLogger("emu")
 
@@ -70,6 +75,18 @@ class TelnetDecoder:
         return bytes(out)
 
 
+def _listen(family: int, kind: int, proto: int, address: tuple[object, ...]) -> socket.socket:
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(16)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class TelnetServer:
     """Serves a console over telnet on one TCP port.
 
@@ -98,15 +115,7 @@ class TelnetServer:
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(16)
-        except OSError:
-            sock.close()
-            raise
-        return cls(name, sock)
+        return cls(name, _listen(family, kind, proto, address))
 
     @classmethod
     async def start(cls, name: str, console: ConsoleHub, host: str, port: int) -> TelnetServer:
@@ -166,3 +175,25 @@ class TelnetServer:
         if self._clients:
             await asyncio.wait(list(self._clients), timeout=5)
         self._sock.close()
+
+    async def restart(self) -> None:
+        """Disconnect every client and listen again on the same address, serving the same
+        console: what a client left behind (a stuck session, a half-read negotiation) is
+        gone, while the emulator and the console's log and input are untouched.
+
+        :raises OSError: the port cannot be bound again (another program took it between).
+        """
+        console = self._console
+        sock = self._sock
+        family, kind, proto = sock.family, sock.type, sock.proto
+        address = sock.getsockname()
+        await self.close()
+        self._server = None
+        self._sock = _listen(family, kind, proto, address)
+        if console is not None:
+            await self.serve(console)
+
+
+CONSOLE_SERVER = StashKey[TelnetServer]()
+"""Where a plugin keeps the :class:`TelnetServer` of a node's console while it serves it, so
+a host can restart it (``node.stash.get(CONSOLE_SERVER, None)``); removed when it stops."""

@@ -24,6 +24,7 @@ from emucore.claims import Claims
 from emucore.models import HostSettings, Project
 from emucore.node import Node
 from emucore.session import Session
+from tests.gns3_controller import GNS3SERVER, Controller, gns3_controller
 from tests.helpers import writable_hierarchy
 
 T = TypeVar("T")
@@ -338,3 +339,14 @@ def cgroup_hierarchy() -> Hierarchy:
     if found is None:
         pytest.skip("no cgroup with a cpu controller can be written on this host")
     return found
+
+
+@pytest.fixture(scope="session")
+def gns3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Controller]:
+    """One unmodified GNS3 3.0.6 controller (``.venv-gns3``) for every test that drives emu
+    through one, started at first use. Each test module registers its own computes and
+    removes them when it ends (``tests.gns3_controller.register``/``unregister``)."""
+    if not GNS3SERVER.exists():
+        pytest.skip("run ./scripts/setup: no .venv-gns3 with gns3-server")
+    with gns3_controller(tmp_path_factory.mktemp("gns3-controller")) as controller:
+        yield controller

@@ -7,24 +7,36 @@ directory. Tests talk to it only through its own REST API, with its JWT.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from base64 import b64encode
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import attrs
+import dpkt
+
+from emu_tests.guest import TinyGuest
+from emucore.telnet import TelnetConsole
+from tests.helpers import emulators_mentioning
+from tests.netns import Hosts
 
 ROOT = Path(__file__).resolve().parent.parent
 GNS3SERVER = ROOT / ".venv-gns3" / "bin" / "gns3server"
@@ -169,11 +181,13 @@ def gns3_controller(root: Path) -> Iterator[Controller]:
 class EmuCompute:
     """A running ``emu serve``.
 
+    :ivar host: the address it listens on (its consoles and tunnels too).
     :ivar port: its TCP port.
     :ivar images: its image directory.
     :ivar projects: its projects directory (remove it with :meth:`remove_projects`).
     """
 
+    host: str
     port: int
     images: Path
     projects: Path
@@ -184,8 +198,8 @@ class EmuCompute:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT/v3/compute``."""
-        return f"http://127.0.0.1:{self.port}/v3/compute"
+        """``http://HOST:PORT/v3/compute``."""
+        return f"http://{self.host}:{self.port}/v3/compute"
 
     def api(self, method: str, path: str, body: Any = None, password: str | None = None) -> Any:
         """Call the compute directly (HTTP Basic)."""
@@ -197,27 +211,231 @@ class EmuCompute:
         """What ``emu serve`` printed."""
         return self.log_path.read_text(errors="replace")
 
+    def emulators(self) -> dict[int, str]:
+        """This compute's emulators still running (pid → command line): their command lines
+        name its image directory (QEMU's kernel or disks) or its projects (VPCS, overlays)."""
+        return emulators_mentioning(str(self.images)) | emulators_mentioning(str(self.projects))
+
     def remove_projects(self) -> None:
         """Delete the projects directory."""
         shutil.rmtree(self.projects, ignore_errors=True)
 
 
-def start_emu_compute(root: Path, user: str, password: str) -> EmuCompute:
-    """Start ``emu serve`` on a free port with its own image and projects directories."""
-    images = root / "emu-images"
-    projects = root / "emu-projects"
+def start_emu_compute(
+    root: Path,
+    user: str,
+    password: str,
+    *,
+    host: str = "127.0.0.1",
+    prefix: Sequence[str] = (),
+    name: str = "emu",
+) -> EmuCompute:
+    """Start ``emu serve`` on a free port with its own image and projects directories.
+
+    :param host: the address it listens on; its consoles and UDP tunnels use it too.
+    :param prefix: what runs the command (``ip netns exec NS`` for a compute in a namespace).
+    :param name: names its directories and files in ``root``.
+    """
+    images = root / f"{name}-images"
+    projects = root / f"{name}-projects"
     images.mkdir(parents=True, exist_ok=True)
     projects.mkdir(parents=True, exist_ok=True)
-    password_file = root / "emu-password"
+    password_file = root / f"{name}-password"
     password_file.write_text(password + "\n")
+    settings = root / f"{name}-settings.toml"
+    settings.write_text(f'console_host = "{host}"\nudp_host = "{host}"\n')
     port = free_port()
-    log_path = root / "emu-serve.log"
-    argv = [sys.executable, "-m", "emucore.cli", "-v", "serve", "--port", str(port)]
+    log_path = root / f"{name}-serve.log"
+    argv = [*prefix, sys.executable, "-m", "emucore.cli", "-v", "serve", "--port", str(port)]
+    argv += ["--host", host, "--settings", str(settings)]
     argv += ["--user", user, "--password-file", str(password_file)]
     argv += ["--image-dir", str(images), "--projects-dir", str(projects)]
     env = {**os.environ, "EMU_QEMU_KVM": "off"}
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    compute = EmuCompute(port, images, projects, process, log_path, user, password)
+    compute = EmuCompute(host, port, images, projects, process, log_path, user, password)
     _wait_until_listening(compute.url + "/version", process, "emu serve", log_path)
     return compute
+
+
+def register(controller: Controller, compute: EmuCompute, name: str) -> str:
+    """Register ``compute`` with the controller under ``name``; its compute id."""
+    compute_id = str(uuid.uuid4())
+    registration = {
+        "compute_id": compute_id,
+        "protocol": "http",
+        "host": compute.host,
+        "port": compute.port,
+        "user": compute.user,
+        "password": compute.password,
+        "name": name,
+    }
+    answer = controller.api("POST", "/computes?connect=true", registration)
+    assert answer["compute_id"] == compute_id, answer
+    return compute_id
+
+
+def unregister(controller: Controller, compute_id: str) -> None:
+    """Remove a compute from the controller (other tests then do not place nodes on it)."""
+    with contextlib.suppress(ApiError):
+        controller.api("DELETE", f"/computes/{compute_id}")
+
+
+STATUS_TIMEOUT = 120.0
+
+
+def wait_status(controller: Controller, project: str, node: str, status: str) -> dict[str, Any]:
+    """Poll the controller until the node has ``status`` (it learns it from notifications)."""
+    deadline = time.monotonic() + STATUS_TIMEOUT
+    while True:
+        answer: dict[str, Any] = controller.api("GET", f"/projects/{project}/nodes/{node}")
+        if answer["status"] == status:
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{answer['name']} is {answer['status']}, not {status}")
+        time.sleep(0.2)
+
+
+def qemu_properties(guest: TinyGuest, name: str, initrd: str, **ips: str) -> dict[str, Any]:
+    """A tiny-guest QEMU node as a GNS3 user would describe it (images by file name): the
+    kernel ``tiny-vmlinuz``, ``initrd``, two adapters with the addresses ``eth0`` (and
+    ``eth1``) given."""
+    extra = {"eth1": ips["eth1"]} if "eth1" in ips else {}
+    line = guest.kernel_command_line(ip=ips["eth0"], hostname=name, extra_ips=extra)
+    return {
+        "ram": 128,
+        "adapters": 2,
+        "adapter_type": "virtio-net-pci",
+        "kernel_image": "tiny-vmlinuz",
+        "initrd": initrd,
+        "kernel_command_line": line,
+        "console_type": "telnet",
+    }
+
+
+def ping(output: str) -> tuple[int, float | None]:
+    """Packets received and the minimum round trip (ms) of busybox ping's summary."""
+    received = re.search(r"(\d+) packets received", output)
+    rtt = re.search(r"min/avg/max = ([\d.]+)/", output)
+    return (int(received.group(1)) if received else 0), (float(rtt.group(1)) if rtt else None)
+
+
+class PcapReader(threading.Thread):
+    """Reads the controller's pcap stream of a link until it ends."""
+
+    def __init__(self, controller: Controller, project: str, link: str) -> None:
+        super().__init__(daemon=True)
+        url = f"{controller.url}/projects/{project}/links/{link}/capture/stream"
+        self.request = urllib.request.Request(
+            url, headers={"Authorization": f"Bearer {controller.token}"}
+        )
+        self.data = b""
+        self.first_bytes = threading.Event()
+
+    def run(self) -> None:
+        with urllib.request.urlopen(self.request, timeout=120) as stream:
+            while chunk := stream.read1(65536):
+                self.data += chunk
+                self.first_bytes.set()
+
+
+def icmp_between(pcap: bytes) -> set[tuple[str, str, str]]:
+    """(kind, source, destination) of the ICMP echoes in a pcap, read with dpkt."""
+    found = set()
+    for _, frame in dpkt.pcap.Reader(io.BytesIO(pcap)):
+        packet = dpkt.ethernet.Ethernet(frame).data
+        if isinstance(packet, dpkt.ip.IP) and isinstance(packet.data, dpkt.icmp.ICMP):
+            kind = {8: "request", 0: "reply"}.get(packet.data.type)
+            if kind:
+                src, dst = (".".join(map(str, a)) for a in (packet.src, packet.dst))
+                found.add((kind, src, dst))
+    return found
+
+
+async def captured_echoes(
+    controller: Controller, project: str, link: str, console: TelnetConsole, command: str
+) -> set[tuple[str, str, str]]:
+    """Capture ``link`` through the controller while ``command`` (a ping) runs on
+    ``console``; the ICMP echoes the controller's pcap stream held, read with dpkt."""
+    controller.api("POST", f"/projects/{project}/links/{link}/capture/start", {})
+    reader = PcapReader(controller, project, link)
+    reader.start()
+    _, output = await console.run(command, timeout=60)
+    assert ping(output)[0] >= 1, output
+    controller.api("POST", f"/projects/{project}/links/{link}/capture/stop", {})
+    await asyncio.to_thread(reader.join, 60)
+    assert not reader.is_alive(), "the pcap stream did not end with the capture"
+    return icmp_between(reader.data)
+
+
+async def suspend_and_resume(
+    controller: Controller, project: str, link: str, console: TelnetConsole, target: str
+) -> None:
+    """Suspend ``link`` through the controller (a ping of ``target`` on ``console`` fails),
+    then resume it (the ping passes)."""
+    controller.api("PUT", f"/projects/{project}/links/{link}", {"suspend": True})
+    _, output = await console.run(f"ping -c 2 -W 1 {target}", timeout=60)
+    assert ping(output)[0] == 0, output
+    controller.api("PUT", f"/projects/{project}/links/{link}", {"suspend": False})
+    _, output = await console.run(f"ping -c 5 -W 3 {target}", timeout=60)
+    assert ping(output)[0] >= 1, output
+
+
+async def compute_update(
+    controller: Controller,
+    compute_id: str,
+    accept: Callable[[dict[str, Any]], bool],
+    then: Callable[[], None] | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """The first ``compute.updated`` notification about ``compute_id`` that ``accept``s,
+    read from the controller's notification WebSocket (the only place the controller shows
+    a compute's connection and load: its REST API returns the stored registration).
+
+    :param then: called once the WebSocket is open (e.g. to kill the compute).
+    """
+    url = controller.url.replace("http", "ws", 1) + f"/notifications/ws?token={controller.token}"
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        if then is not None:
+            then()
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await ws.receive_json()
+                event = message.get("event", {})
+                ours = message.get("action") == "compute.updated"
+                if ours and event.get("compute_id") == compute_id and accept(event):
+                    return dict(event)
+
+
+@contextlib.contextmanager
+def computes_on(
+    controller: Controller, root: Path, hosts: Hosts, names: Sequence[str] = ("host-a", "host-b")
+) -> Iterator[list[tuple[EmuCompute, str]]]:
+    """An ``emu serve`` on each host (inside its namespace, on its address), registered with
+    the controller under ``names``: ``[(compute, compute id), ...]``. At the end each is
+    stopped and unregistered; none may leave an emulator behind.
+    """
+    started: list[tuple[EmuCompute, str]] = []
+    computes: list[EmuCompute] = []
+    try:
+        for index, name in enumerate(names):
+            compute = start_emu_compute(
+                root,
+                controller.compute_user,
+                controller.compute_password,
+                host=hosts.addresses[index],
+                prefix=hosts.prefix(index),
+                name=name,
+            )
+            computes.append(compute)
+            started.append((compute, register(controller, compute, name)))
+        yield started
+    finally:
+        for compute in computes:
+            stop(compute.process)
+        for _, compute_id in started:
+            unregister(controller, compute_id)
+        left = {compute.host: compute.emulators() for compute in computes}
+        for compute in computes:
+            compute.remove_projects()
+        assert all(not found for found in left.values()), left

@@ -5,26 +5,22 @@ register the emu compute, build a lab of two tiny-guest QEMU nodes and a VPCS no
 them (one link with loss and delay), start them, ping on the consoles, capture a link and read
 the controller's pcap stream with dpkt, suspend and resume a link, stop, close and delete the
 project. One QEMU node's initrd exists only on the controller, which uploads it when the
-compute answers ``ImageMissingError``. The controller and the compute start once per module.
+compute answers ``ImageMissingError``. The controller starts once per session (``gns3`` in
+``conftest.py``), the compute once per module.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
-import re
 import shutil
 import signal
-import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import dpkt
 import pytest
 
 from emu_tests.console import wait_for_prompt
@@ -35,9 +31,15 @@ from tests.gns3_controller import (
     ApiError,
     Controller,
     EmuCompute,
-    gns3_controller,
+    captured_echoes,
+    ping,
+    qemu_properties,
+    register,
     start_emu_compute,
     stop,
+    suspend_and_resume,
+    unregister,
+    wait_status,
 )
 from tests.helpers import emulators_mentioning
 
@@ -57,102 +59,30 @@ def guest() -> TinyGuest:
 
 
 @pytest.fixture(scope="module")
-def gns3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Controller, EmuCompute, str]]:
-    """A controller, an ``emu serve`` with the controller's compute credentials, and the
-    compute id the controller registered it under."""
+def lab_compute(
+    gns3: Controller, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Controller, EmuCompute, str]]:
+    """The controller, an ``emu serve`` with the controller's compute credentials, and the
+    compute id the controller registered it under (removed from the controller at the end)."""
     root = tmp_path_factory.mktemp("gns3")
-    with gns3_controller(root) as controller:
-        compute = start_emu_compute(root, controller.compute_user, controller.compute_password)
-        try:
-            compute_id = str(uuid.uuid4())
-            registration = {
-                "compute_id": compute_id,
-                "protocol": "http",
-                "host": "127.0.0.1",
-                "port": compute.port,
-                "user": compute.user,
-                "password": compute.password,
-                "name": "emu",
-            }
-            answer = controller.api("POST", "/computes?connect=true", registration)
-            assert answer["compute_id"] == compute_id
-            yield controller, compute, compute_id
-        finally:
-            stop(compute.process)
-            left = emulators_mentioning(str(compute.projects))
-            compute.remove_projects()
-            assert left == {}, compute.log()
-
-
-def wait_status(controller: Controller, project: str, node: str, status: str) -> dict[str, Any]:
-    """Poll the controller until the node has ``status`` (it learns it from notifications)."""
-    deadline = time.monotonic() + STATUS_TIMEOUT
-    while True:
-        answer: dict[str, Any] = controller.api("GET", f"/projects/{project}/nodes/{node}")
-        if answer["status"] == status:
-            return answer
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{answer['name']} is {answer['status']}, not {status}")
-        time.sleep(0.2)
-
-
-def qemu_properties(guest: TinyGuest, name: str, initrd: str, **ips: str) -> dict[str, Any]:
-    """A tiny-guest QEMU node as a GNS3 user would describe it (images by file name)."""
-    line = guest.kernel_command_line(ip=ips["eth0"], hostname=name, extra_ips={"eth1": ips["eth1"]})
-    return {
-        "ram": 128,
-        "adapters": 2,
-        "adapter_type": "virtio-net-pci",
-        "kernel_image": "tiny-vmlinuz",
-        "initrd": initrd,
-        "kernel_command_line": line,
-        "console_type": "telnet",
-    }
-
-
-def ping(output: str) -> tuple[int, float | None]:
-    """Packets received and the minimum round trip (ms) of busybox ping's summary."""
-    received = re.search(r"(\d+) packets received", output)
-    rtt = re.search(r"min/avg/max = ([\d.]+)/", output)
-    return (int(received.group(1)) if received else 0), (float(rtt.group(1)) if rtt else None)
-
-
-class PcapReader(threading.Thread):
-    """Reads the controller's pcap stream of a link until it ends."""
-
-    def __init__(self, controller: Controller, project: str, link: str) -> None:
-        super().__init__(daemon=True)
-        url = f"{controller.url}/projects/{project}/links/{link}/capture/stream"
-        self.request = urllib.request.Request(
-            url, headers={"Authorization": f"Bearer {controller.token}"}
-        )
-        self.data = b""
-        self.first_bytes = threading.Event()
-
-    def run(self) -> None:
-        with urllib.request.urlopen(self.request, timeout=120) as stream:
-            while chunk := stream.read1(65536):
-                self.data += chunk
-                self.first_bytes.set()
-
-
-def icmp_between(pcap: bytes) -> set[tuple[str, str, str]]:
-    """(kind, source, destination) of the ICMP echoes in a pcap, read with dpkt."""
-    found = set()
-    for _, frame in dpkt.pcap.Reader(io.BytesIO(pcap)):
-        packet = dpkt.ethernet.Ethernet(frame).data
-        if isinstance(packet, dpkt.ip.IP) and isinstance(packet.data, dpkt.icmp.ICMP):
-            kind = {8: "request", 0: "reply"}.get(packet.data.type)
-            if kind:
-                src, dst = (".".join(map(str, a)) for a in (packet.src, packet.dst))
-                found.add((kind, src, dst))
-    return found
+    compute = start_emu_compute(root, gns3.compute_user, gns3.compute_password)
+    compute_id = ""
+    try:
+        compute_id = register(gns3, compute, "emu")
+        yield gns3, compute, compute_id
+    finally:
+        stop(compute.process)
+        if compute_id:
+            unregister(gns3, compute_id)
+        left = compute.emulators()
+        compute.remove_projects()
+        assert left == {}, compute.log()
 
 
 def test_the_controller_registered_the_emu_compute(
-    gns3: tuple[Controller, EmuCompute, str],
+    lab_compute: tuple[Controller, EmuCompute, str],
 ) -> None:
-    controller, _, compute_id = gns3
+    controller, _, compute_id = lab_compute
 
     async def compute_updates() -> dict[str, Any]:
         url = controller.url.replace("http", "ws", 1)
@@ -175,12 +105,15 @@ def test_the_controller_registered_the_emu_compute(
     assert 0 <= event["memory_usage_percent"] <= 100
 
 
-def test_a_wrong_password_is_refused(gns3: tuple[Controller, EmuCompute, str]) -> None:
-    controller, compute, _ = gns3
+def test_a_wrong_password_is_refused(lab_compute: tuple[Controller, EmuCompute, str]) -> None:
+    controller, compute, _ = lab_compute
     bad = {"protocol": "http", "host": "127.0.0.1", "port": compute.port}
     bad |= {"user": compute.user, "password": "not-the-password", "compute_id": str(uuid.uuid4())}
-    with pytest.raises(ApiError) as refused:
-        controller.api("POST", "/computes?connect=true", bad)
+    try:
+        with pytest.raises(ApiError) as refused:
+            controller.api("POST", "/computes?connect=true", bad)
+    finally:
+        unregister(controller, bad["compute_id"])  # a refused registration leaves its row
     assert refused.value.status == 401
     assert "Invalid auth" in refused.value.body["message"]
     # What the controller was told, straight from the compute: 401 and a message.
@@ -191,9 +124,9 @@ def test_a_wrong_password_is_refused(gns3: tuple[Controller, EmuCompute, str]) -
 
 
 def test_a_lab_runs_through_the_controller(
-    gns3: tuple[Controller, EmuCompute, str], guest: TinyGuest
+    lab_compute: tuple[Controller, EmuCompute, str], guest: TinyGuest
 ) -> None:
-    controller, compute, compute_id = gns3
+    controller, compute, compute_id = lab_compute
     shutil.copy(guest.kernel, compute.images / "tiny-vmlinuz")
     shutil.copy(guest.initrd, compute.images / "tiny-initrd.img")
     # b's initrd exists only on the controller: the compute asks for it, the controller uploads.
@@ -249,24 +182,13 @@ def test_a_lab_runs_through_the_controller(
             _, output = await console.run("ping -c 3 -W 3 10.0.1.2", timeout=60)
             assert ping(output)[0] >= 1, output
 
-            controller.api("POST", f"/projects/{project}/links/{to_pc}/capture/start", {})
-            reader = PcapReader(controller, project, to_pc)
-            reader.start()
-            _, output = await console.run("ping -c 3 -W 3 10.0.1.2", timeout=60)
-            assert ping(output)[0] >= 1, output
-            controller.api("POST", f"/projects/{project}/links/{to_pc}/capture/stop", {})
-            await asyncio.to_thread(reader.join, 60)
-            assert not reader.is_alive(), "the pcap stream did not end with the capture"
-            echoes = icmp_between(reader.data)
+            echoes = await captured_echoes(
+                controller, project, to_pc, console, "ping -c 3 -W 3 10.0.1.2"
+            )
             assert ("request", "10.0.1.1", "10.0.1.2") in echoes
             assert ("reply", "10.0.1.2", "10.0.1.1") in echoes
 
-            controller.api("PUT", f"/projects/{project}/links/{impaired}", {"suspend": True})
-            _, output = await console.run("ping -c 2 -W 1 10.0.0.2", timeout=60)
-            assert ping(output)[0] == 0, output
-            controller.api("PUT", f"/projects/{project}/links/{impaired}", {"suspend": False})
-            _, output = await console.run("ping -c 5 -W 3 10.0.0.2", timeout=60)
-            assert ping(output)[0] >= 1, output
+            await suspend_and_resume(controller, project, impaired, console, "10.0.0.2")
         finally:
             await console.close()
 
@@ -276,11 +198,11 @@ def test_a_lab_runs_through_the_controller(
     for node in (a, b, pc):
         wait_status(controller, project, node, "stopped")
     controller.api("POST", f"/projects/{project}/close")
-    assert emulators_mentioning(str(compute.projects / project)) == {}
+    assert compute.emulators() == {}
     # Deleting reopens it first: the controller replays every node's JSON to the compute.
     controller.api("DELETE", f"/projects/{project}")
     assert not (compute.projects / project).exists()
-    assert emulators_mentioning(str(compute.projects)) == {}
+    assert compute.emulators() == {}
 
 
 async def _check_websocket_console(controller: Controller, project: str, node: str) -> None:
@@ -298,9 +220,9 @@ async def _check_websocket_console(controller: Controller, project: str, node: s
 
 
 def test_bad_bodies_get_the_status_and_a_message_naming_the_field(
-    gns3: tuple[Controller, EmuCompute, str],
+    lab_compute: tuple[Controller, EmuCompute, str],
 ) -> None:
-    controller, _, compute_id = gns3
+    controller, _, compute_id = lab_compute
     project = controller.api("POST", "/projects", {"name": "emu-bad"})["project_id"]
     try:
         bad = {"name": "bad", "node_type": "qemu", "compute_id": compute_id}
@@ -329,8 +251,8 @@ def test_bad_bodies_get_the_status_and_a_message_naming_the_field(
         controller.api("DELETE", f"/projects/{project}")
 
 
-def test_sigterm_stops_every_node(gns3: tuple[Controller, EmuCompute, str]) -> None:
-    controller, compute, compute_id = gns3
+def test_sigterm_stops_every_node(lab_compute: tuple[Controller, EmuCompute, str]) -> None:
+    controller, compute, compute_id = lab_compute
     project = controller.api("POST", "/projects", {"name": "emu-sigterm"})["project_id"]
     body = {"name": "pc", "node_type": "vpcs", "compute_id": compute_id}
     node = controller.api("POST", f"/projects/{project}/nodes", body)["node_id"]

@@ -15,12 +15,9 @@ from emucore import hookimpl
 from emucore.claims import claim_tcp_port
 from emucore.errors import NodeError
 from emucore.models import ConsoleInfo
-from emucore.stash import StashKey
-from emucore.telnetd import TelnetServer
+from emucore.telnetd import CONSOLE_SERVER, TelnetServer
 
 EMULATOR = "vpcs"
-
-SERVER = StashKey[TelnetServer]()
 
 
 @hookimpl(trylast=True)
@@ -45,13 +42,13 @@ async def emu_started(node: VpcsNode) -> None:
             f"console: cannot listen on {host} port {props.console or 0}: {exc.strerror or exc};"
             " choose another port or leave console unset",
         ) from None
-    node.stash[SERVER] = server
+    node.stash[CONSOLE_SERVER] = server  # where hosts find it (console reset)
     node.console = ConsoleInfo("telnet", host, server.port)
 
 
 @hookimpl(trylast=True)
 async def emu_stop(node: VpcsNode) -> None:
     """Stop serving the console; its clients are disconnected."""
-    server = node.stash.pop(SERVER, None)
+    server = node.stash.pop(CONSOLE_SERVER, None)
     if server is not None:
         await server.close()

@@ -1,0 +1,103 @@
+"""What ``emu run --controller`` decides before it talks to a controller: where each node
+goes, and what a GNS3 link cannot carry. The controller's answers here are plain data in the
+shape of its ``GET /v3/computes``; ``tests/test_gns3_hosts.py`` runs labs on a real one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from emu_gns3.controller import base_url
+from emu_gns3.labrun import link_problems, place, split_placement
+from emucore.errors import ConfigError
+from emucore.lab import load_lab
+
+
+def computes(*names: str) -> list[dict[str, Any]]:
+    """Computes as the controller lists them (its stored registrations)."""
+    return [{"compute_id": f"id-{n}", "name": n, "host": "192.0.2.1", "port": 3080} for n in names]
+
+
+def test_nodes_without_a_compute_spread_over_the_reachable_computes() -> None:
+    chosen, bad, unavailable = place(
+        ["a", "b", "c", "d", "e"], {"b": "host-b"}, computes("host-b", "host-a", "host-c"), {}
+    )
+    assert (bad, unavailable) == ([], [])
+    where = {node: compute["name"] for node, compute in chosen.items()}
+    # b is pinned; the others go to the least loaded so far, ties by name.
+    assert where == {"b": "host-b", "a": "host-a", "c": "host-c", "d": "host-a", "e": "host-b"}
+
+
+def test_an_unreachable_compute_takes_no_node() -> None:
+    listed = computes("host-a", "host-b")
+    chosen, _, unavailable = place(["a", "b"], {}, listed, {"id-host-a": "connection refused"})
+    assert {c["name"] for c in chosen.values()} == {"host-b"}
+    assert unavailable == []
+    _, _, unavailable = place(["a"], {"a": "id-host-a"}, listed, {"id-host-a": "refused"})
+    assert unavailable == ["node 'a': compute 'id-host-a' is unreachable: refused"]
+    _, _, unavailable = place(["a"], {}, [], {})
+    assert unavailable == ["node 'a': no compute to run it on (computes: none)"]
+
+
+def test_an_unknown_compute_is_bad_input_naming_the_known_ones() -> None:
+    listed = computes("host-a", "host-b")
+    _, bad, _ = place(["pc"], {"pc": "host-z"}, listed, {"id-host-b": "timeout"})
+    assert bad == [
+        "$.nodes.pc.compute: the controller has no compute 'host-z'"
+        " (computes: host-a (connected), host-b (unreachable))"
+    ]
+
+
+def test_the_compute_key_is_read_and_removed() -> None:
+    lab = load_lab(
+        {"name": "l", "nodes": {"a": {"emulator": "vpcs", "compute": "host-a"}, "b": {}}}, "l"
+    )
+    local, wanted, problems = split_placement(lab)
+    assert wanted == {"a": "host-a"}
+    assert problems == []
+    assert "compute" not in local.nodes["a"]
+    bad = load_lab({"name": "l", "nodes": {"a": {"compute": 7}, "b": {"compute": ""}}}, "l")
+    _, _, problems = split_placement(bad)
+    assert problems[0].startswith("$.nodes.a.compute: must be a string")
+    assert problems[1] == "$.nodes.b.compute: must not be empty"
+
+
+def test_what_a_gns3_link_cannot_carry_is_refused() -> None:
+    lab = load_lab(
+        {
+            "name": "l",
+            "nodes": {"a": {}, "b": {}, "c": {}},
+            "links": [
+                {"endpoints": ["a", "b"], "filters": {"rate": 1000, "loss": 2.5}},
+                {"endpoints": ["b:1", "c"], "filters": {"direction": "a_to_b", "delay": 5}},
+            ],
+            "captures": [{"endpoint": "a:0"}, {"endpoint": "c:1"}],
+        },
+        "l",
+    )
+    assert link_problems(lab) == [
+        "$.links[0].filters.rate: GNS3 links have no rate limit; run the lab locally",
+        "$.links[0].filters.loss: GNS3 takes whole percents, got 2.5",
+        "$.links[1].filters.direction: GNS3 filters act in both directions",
+        "$.captures[1].endpoint: c:1 has no link; a GNS3 controller captures links only",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("given", "base"),
+    [
+        ("http://ctl:3080", "http://ctl:3080"),
+        ("http://ctl:3080/", "http://ctl:3080"),
+        ("https://ctl/v3/", "https://ctl"),
+        (" http://10.0.0.1:3080/v3 ", "http://10.0.0.1:3080"),
+    ],
+)
+def test_the_controller_url_is_its_base(given: str, base: str) -> None:
+    assert base_url(given) == base
+
+
+@pytest.mark.parametrize("given", ["ctl:3080", "ftp://ctl", "http://", "http://ctl/?x=1"])
+def test_a_bad_controller_url_is_bad_input(given: str) -> None:
+    with pytest.raises(ConfigError, match="--controller"):
+        base_url(given)
