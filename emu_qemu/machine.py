@@ -51,7 +51,7 @@ def emu_build_args(node: QemuNode) -> Sequence[ArgFragment]:
         "-m",
         f"{props.ram}M",
         "-smp",
-        opts(None, {"cpus": props.cpus, "maxcpus": props.maxcpus}),
+        opts(None, {"cpus": props.cpus, "maxcpus": props.maxcpus or props.cpus}),
     ]
     control = ["-nodefaults", "-no-user-config", "-display", "none"]
     return [

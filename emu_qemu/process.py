@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import re
 import shlex
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -178,7 +179,14 @@ async def emu_stop(node: QemuNode) -> None:
         process.stopping = True
         if process.alive and monitor is not None and node.properties.on_close == "shutdown_signal":
             await _acpi_shutdown(node, process, monitor)
-        await process.stop()
+        grace = node.emulator_settings.terminate_timeout
+        was_running = process.alive
+        if await process.stop(grace) == -signal.SIGKILL and was_running:
+            node.emit(
+                "warning",
+                f"QEMU did not exit within {grace:g} s of SIGTERM and was killed; a linked clone"
+                " it was writing may hold leaked clusters (repaired at the next start)",
+            )
     if running is not None and running.events is not None:
         running.events.cancel()
     if monitor is not None:

@@ -86,9 +86,9 @@ def _refuse_legacy(_inst: Any, _attr: attrs.Attribute[Any], value: bool) -> None
         )
 
 
-def _at_least_cpus(inst: QemuProperties, _attr: attrs.Attribute[Any], value: int) -> None:
-    if value == inst.cpus:
-        return  # the default (or the same as cpus): cpus' own check speaks for it
+def _at_least_cpus(inst: QemuProperties, _attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is None or value == inst.cpus:
+        return  # unset (as many as cpus), or the same as cpus: cpus' own check speaks for it
     in_range(1, 255)(inst, _attr, value)
     if value < inst.cpus:
         raise ValueError(f"must be at least cpus ({inst.cpus}); got {value}")
@@ -157,10 +157,9 @@ class QemuProperties:
     platform: str = attrs.field(default="", validator=_empty_or(one_of(PLATFORMS)))
     ram: int = attrs.field(default=256, validator=in_range(1, 1 << 22))
     cpus: int = attrs.field(default=1, validator=in_range(1, 255))
-    # Defaults to cpus: a node asking for 4 CPUs must not be refused for a maxcpus it never set.
-    maxcpus: int = attrs.field(
-        default=attrs.Factory(lambda self: self.cpus, takes_self=True), validator=_at_least_cpus
-    )
+    # Unset means as many as cpus, also after cpus changes: a node asking for 4 CPUs must not
+    # be refused for a maxcpus it never set (GNS3's controller replays what it was given).
+    maxcpus: int | None = attrs.field(default=None, validator=_at_least_cpus)
     adapters: int = attrs.field(default=1, validator=in_range(0, MAX_ADAPTERS))
     adapter_type: str = attrs.field(default="e1000", validator=one_of(ADAPTER_TYPES))
     custom_adapters: tuple[CustomAdapter, ...] = attrs.field(default=(), validator=_custom_adapters)
@@ -223,13 +222,15 @@ class QemuSettings:
 
     :ivar kvm: ``auto`` (KVM when a functional probe passes, else TCG with a warning),
         ``require`` (fail when KVM does not work) or ``off`` (always TCG).
-    :ivar kvm_probe_kernel: a Linux kernel the KVM probe boots; by default the tiny guest's
-        kernel if it was built, else ``/boot/vmlinuz-*``.
+    :ivar kvm_probe_kernel: a Linux kernel the KVM probe boots; by default one linked in
+        ``<cache>/kernels`` (the tiny guest's, once built), else ``/boot/vmlinuz-*``.
     :ivar kvm_probe_timeout: seconds the probe kernel gets to reach its panic under KVM.
     :ivar binary_dirs: directories searched for QEMU binaries before ``PATH``.
     :ivar powerdown_timeout: seconds a guest gets to power off after an ACPI shutdown request.
     :ivar qmp_timeout: seconds any QMP command may take.
     :ivar start_timeout: seconds QEMU gets to open its QMP socket.
+    :ivar terminate_timeout: seconds QEMU gets to exit after SIGTERM (it flushes and closes
+        its disks) before SIGKILL.
     :ivar cpu_throttling_mechanism: how ``cpu_throttling`` is enforced: ``auto`` (a cgroup
         CPU quota, else cpulimit with a warning), ``cgroup`` (fail when no cgroup can be
         used) or ``cpulimit``.
@@ -245,6 +246,7 @@ class QemuSettings:
     powerdown_timeout: float = attrs.field(default=10.0, validator=in_range(0, 3600))
     qmp_timeout: float = attrs.field(default=10.0, validator=in_range(0.1, 600))
     start_timeout: float = attrs.field(default=20.0, validator=in_range(0.5, 600))
+    terminate_timeout: float = attrs.field(default=15.0, validator=in_range(0.5, 600))
     cpu_throttling_mechanism: str = attrs.field(
         default="auto", validator=one_of(THROTTLING_MECHANISMS)
     )

@@ -144,7 +144,6 @@ def stop(process: subprocess.Popen[bytes], grace: float = 30.0) -> int:
 @contextlib.contextmanager
 def gns3_controller(root: Path) -> Iterator[Controller]:
     """Start a controller in ``root``; stopped when the block ends."""
-    home = root / "home"
     for sub in ("home", "images/QEMU", "projects", "appliances", "symbols", "configs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -161,20 +160,37 @@ def gns3_controller(root: Path) -> Iterator[Controller]:
         f"compute_username = {user}\ncompute_password = {password}\n"
         "[Controller]\ndefault_admin_username = admin\ndefault_admin_password = admin-pw\n"
     )
-    log = root / "gns3server.log"
-    env = {**os.environ, "HOME": str(home)}
-    argv = [str(GNS3SERVER), "--config", str(config), "--logfile", str(log)]
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    controller = Controller(f"http://127.0.0.1:{port}/v3", root, process, user, password)
+    controller = Controller(f"http://127.0.0.1:{port}/v3", root, _launch(root), user, password)
     try:
-        _wait_until_listening(controller.url + "/version", process, "the controller", log)
-        login = {"username": "admin", "password": "admin-pw"}
-        controller.token = request(controller.url + "/access/users/authenticate", "POST", login)[
-            "access_token"
-        ]
+        _log_in(controller)
         yield controller
     finally:
-        stop(process)
+        stop(controller.process)
+
+
+def _launch(root: Path) -> subprocess.Popen[bytes]:
+    """Start gns3server with the configuration written in ``root``."""
+    argv = [str(GNS3SERVER), "--config", str(root / "gns3_server.conf")]
+    argv += ["--logfile", str(root / "gns3server.log")]
+    env = {**os.environ, "HOME": str(root / "home")}
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def _log_in(controller: Controller) -> None:
+    log = controller.root / "gns3server.log"
+    _wait_until_listening(controller.url + "/version", controller.process, "the controller", log)
+    login = {"username": "admin", "password": "admin-pw"}
+    answer = request(controller.url + "/access/users/authenticate", "POST", login)
+    controller.token = answer["access_token"]
+
+
+def crash_and_restart(controller: Controller) -> None:
+    """SIGKILL the controller (it closes nothing) and start it again on its own database,
+    configuration and port, as after a crash or a lost host."""
+    controller.process.kill()
+    controller.process.wait(30)
+    controller.process = _launch(controller.root)
+    _log_in(controller)
 
 
 @attrs.define

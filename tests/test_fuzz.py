@@ -523,7 +523,7 @@ def expected_emu_part(
         ("-accel", "tcg"),
         ("-name", "guest=" + node.name.replace(",", ",,")),
         ("-m", f"{props.ram}M"),
-        ("-smp", f"cpus={props.cpus},maxcpus={props.maxcpus}"),
+        ("-smp", f"cpus={props.cpus},maxcpus={props.maxcpus or props.cpus}"),
         ("-nodefaults", None),
         ("-no-user-config", None),
         ("-display", "none"),

@@ -32,6 +32,8 @@ from tests.gns3_controller import (
     Controller,
     EmuCompute,
     captured_echoes,
+    crash_and_restart,
+    gns3_controller,
     ping,
     qemu_properties,
     register,
@@ -251,6 +253,25 @@ def test_bad_bodies_get_the_status_and_a_message_naming_the_field(
         controller.api("DELETE", f"/projects/{project}")
 
 
+def test_a_stopped_node_changes_its_cpus_through_the_gui(
+    lab_compute: tuple[Controller, EmuCompute, str],
+) -> None:
+    """The GUI's node dialog sends every property back with the one changed: a value emu
+    derives (maxcpus follows cpus) must not come back as a stale one that refuses it."""
+    controller, _, compute_id = lab_compute
+    project = controller.api("POST", "/projects", {"name": "emu-cpus"})["project_id"]
+    try:
+        body = {"name": "r1", "node_type": "qemu", "compute_id": compute_id}
+        created = controller.api("POST", f"/projects/{project}/nodes", body)
+        properties = {**created["properties"], "cpus": 2}
+        path = f"/projects/{project}/nodes/{created['node_id']}"
+        updated = controller.api("PUT", path, {"properties": properties})
+        assert updated["properties"]["cpus"] == 2
+        assert updated["properties"].get("maxcpus") in (None, 2)
+    finally:
+        controller.api("DELETE", f"/projects/{project}")
+
+
 def test_sigterm_stops_every_node(lab_compute: tuple[Controller, EmuCompute, str]) -> None:
     controller, compute, compute_id = lab_compute
     project = controller.api("POST", "/projects", {"name": "emu-sigterm"})["project_id"]
@@ -282,3 +303,47 @@ def test_a_sigkilled_compute_leaves_no_emulator(tmp_path: Path) -> None:
     left = emulators_mentioning(str(compute.projects))
     compute.remove_projects()
     assert left == {}
+
+
+def test_a_controller_that_comes_back_finds_the_nodes_as_it_left_them(tmp_path: Path) -> None:
+    """The controller crashes (SIGKILL: it closes nothing) and starts again on its own
+    database: it reconnects to the compute, and opening the project finds the node running
+    as it was (same process, same console), not restarted."""
+    with gns3_controller(tmp_path / "controller") as controller:
+        compute = start_emu_compute(
+            tmp_path / "compute", controller.compute_user, controller.compute_password
+        )
+        try:
+            compute_id = register(controller, compute, "emu")
+            project = controller.api("POST", "/projects", {"name": "comes-back"})["project_id"]
+            body = {"name": "pc", "node_type": "vpcs", "compute_id": compute_id}
+            node = controller.api("POST", f"/projects/{project}/nodes", body)["node_id"]
+            controller.api("POST", f"/projects/{project}/nodes/{node}/start", {})
+            console = wait_status(controller, project, node, "started")["console"]
+            (pid,) = emulators_mentioning(str(compute.projects / project))
+
+            crash_and_restart(controller)
+            controller.api("POST", f"/computes/{compute_id}/connect", {})
+            controller.api("POST", f"/projects/{project}/open", {})
+            again = wait_status(controller, project, node, "started")
+            assert again["console"] == console
+            assert set(emulators_mentioning(str(compute.projects / project))) == {pid}
+
+            async def prompt() -> str:
+                telnet = await TelnetConsole.connect(compute.host, console)
+                try:
+                    await telnet.sendline()
+                    match = await telnet.expect(r"pc> |VPCS> ", timeout=30)
+                    return match.group(0)
+                finally:
+                    await telnet.close()
+
+            assert asyncio.run(prompt()) in ("pc> ", "VPCS> ")
+            controller.api("POST", f"/projects/{project}/nodes/{node}/stop", {})
+            wait_status(controller, project, node, "stopped")
+            controller.api("DELETE", f"/projects/{project}")
+        finally:
+            stop(compute.process)
+            left = emulators_mentioning(str(compute.projects))
+            compute.remove_projects()
+            assert left == {}, compute.log()
