@@ -18,7 +18,6 @@ before the start and read back (``query-spice``).
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 from collections.abc import Sequence
 
@@ -31,6 +30,7 @@ from emucore import hookimpl
 from emucore.claims import claim_tcp_port
 from emucore.consoles import SocketConsole
 from emucore.errors import NodeError
+from emucore.files import unix_listener
 from emucore.models import ConsoleInfo, NodeStatus
 from emucore.records import ArgFragment
 from emucore.stash import StashKey
@@ -46,7 +46,6 @@ VNC_BASE = 5900
 CONNECT_TIMEOUT = 10.0
 # QEMU is gone when the console is closed: the rest of its output is already in the socket.
 DRAIN_TIMEOUT = 2.0
-_SUN_PATH_MAX = 107
 
 
 @attrs.define
@@ -78,30 +77,6 @@ def _free_tcp_port(node: QemuNode) -> int:
         return port
 
 
-def _unix_listener(node: QemuNode) -> socket.socket:
-    """A UNIX socket listening on ``console.sock`` in the node directory (reached through a
-    directory fd when the path is longer than a socket address may be)."""
-    path = node.directory / SOCKET_NAME
-    path.unlink(missing_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    dir_fd = None
-    try:
-        address = str(path)
-        if len(address) > _SUN_PATH_MAX:
-            dir_fd = os.open(node.directory, os.O_PATH | os.O_DIRECTORY)
-            address = f"/proc/self/fd/{dir_fd}/{SOCKET_NAME}"
-        listener.bind(address)
-        path.chmod(0o600)
-        listener.listen(1)
-    except BaseException:
-        listener.close()
-        raise
-    finally:
-        if dir_fd is not None:
-            os.close(dir_fd)
-    return listener
-
-
 async def _open_host_console(node: QemuNode) -> HostConsole:
     host, port = node.settings.console_host, node.properties.console or 0
     try:
@@ -114,7 +89,7 @@ async def _open_host_console(node: QemuNode) -> HostConsole:
         ) from None
     try:
         hub = SocketConsole(node.directory / LOG_NAME)
-        listener = _unix_listener(node)
+        listener = unix_listener(node.directory, SOCKET_NAME)
         server = await asyncio.start_unix_server(hub.attach, sock=listener)
     except BaseException:
         await telnet.close()

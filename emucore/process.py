@@ -64,6 +64,7 @@ async def spawn(
     output: IO[Any] | int | None = asyncio.subprocess.DEVNULL,
     stdin: int | None = asyncio.subprocess.DEVNULL,
     death_signal: signal.Signals = signal.SIGTERM,
+    pass_fds: Sequence[int] = (),
 ) -> asyncio.subprocess.Process:
     """Start ``argv`` as a child that dies with the host (see the module docstring).
 
@@ -74,8 +75,11 @@ async def spawn(
     :param death_signal: what the kernel sends the child when the host dies: ``SIGTERM``
         (default: the child may shut down in order) or ``SIGKILL`` (it cannot be blocked,
         caught or left pending; for helpers that need no clean exit).
+    :param pass_fds: descriptors the child inherits under the same numbers (a socket it
+        listens on, bound by the host); every other descriptor is closed.
     """
     common: dict[str, Any] = {
+        "pass_fds": tuple(pass_fds),
         "cwd": cwd,
         "stdin": stdin,
         "stdout": output,
@@ -231,10 +235,11 @@ class Supervised:
         output: IO[Any] | int | None = asyncio.subprocess.DEVNULL,
         stdin: int | None = asyncio.subprocess.DEVNULL,
         death_signal: signal.Signals = signal.SIGTERM,
+        pass_fds: Sequence[int] = (),
         on_exit: ExitHandler | None = None,
     ) -> Supervised:
-        """Start ``argv`` (see :func:`spawn` for ``cwd``, ``output``, ``stdin`` and
-        ``death_signal``).
+        """Start ``argv`` (see :func:`spawn` for ``cwd``, ``output``, ``stdin``,
+        ``death_signal`` and ``pass_fds``).
 
         :param pidfile: kill a leftover it names (a host that died before the kernel could
             help), then record the new pid there, marked with ``cwd``.
@@ -242,7 +247,14 @@ class Supervised:
         """
         if pidfile is not None:
             await reap_pidfile(pidfile)
-        process = await spawn(argv, cwd=cwd, output=output, stdin=stdin, death_signal=death_signal)
+        process = await spawn(
+            argv,
+            cwd=cwd,
+            output=output,
+            stdin=stdin,
+            death_signal=death_signal,
+            pass_fds=pass_fds,
+        )
         if pidfile is not None:
             write_pidfile(pidfile, process.pid, str(cwd or ""))
         return cls(process, pidfile, on_exit)
