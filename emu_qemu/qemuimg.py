@@ -150,10 +150,39 @@ def _md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _md5_file_cache() -> Path:
+    return cache_dir() / "image-md5.json"
+
+
+def _load_md5s() -> dict[str, str]:
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(_md5_file_cache().read_text())
+        if isinstance(data, dict):
+            return {str(k): str(v) for k, v in data.items()}
+    return {}
+
+
+def _remember_md5(key: str, digest: str) -> None:
+    path = _md5_file_cache()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        known = {k: v for k, v in _load_md5s().items() if Path(k.split("|")[0]).exists()}
+        known[key] = digest
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(known, indent=1))
+        temporary.replace(path)
+
+
 async def md5(path: Path) -> str:
-    """The md5 of an image, computed in a thread (never on the event loop) and cached by
-    size+mtime; computed only when asked for."""
+    """The md5 of an image, computed in a thread (never on the event loop), once per file:
+    remembered by path, size and mtime, in memory and in ``<cache>/image-md5.json`` (a host
+    restart does not read gigabytes again); computed only when asked for."""
     stamp = _stamp(path)
     if stamp not in _md5_cache:
-        _md5_cache[stamp] = await asyncio.to_thread(_md5_file, path)
+        key = "|".join(map(str, stamp))
+        remembered = _load_md5s().get(key)
+        if remembered is None:
+            remembered = await asyncio.to_thread(_md5_file, path)
+            _remember_md5(key, remembered)
+        _md5_cache[stamp] = remembered
     return _md5_cache[stamp]

@@ -132,7 +132,9 @@ async def reap_pidfile(path: Path, timeout: float = 5.0) -> int | None:
     """Kill the process a leftover pidfile names if it is still ours; remove the file.
 
     The marker (e.g. the node's directory) guards against killing an unrelated process
-    that reused the pid. Waits (bounded) until the process is gone, so its ports are free.
+    that reused the pid: it must appear in the process's command line, or be its working
+    directory (children that name their files relatively). Waits (bounded) until the
+    process is gone, so its ports are free.
 
     :return: the pid killed, if any.
     """
@@ -143,7 +145,7 @@ async def reap_pidfile(path: Path, timeout: float = 5.0) -> int | None:
         path.unlink(missing_ok=True)
         return None
     killed = None
-    if marker and marker in _cmdline(pid):
+    if marker and (marker in _cmdline(pid) or _cwd(pid) == marker):
         with contextlib.suppress(ProcessLookupError):
             killed = await kill_and_wait(pid, timeout)
     path.unlink(missing_ok=True)
@@ -178,6 +180,13 @@ async def kill_and_wait(pid: int, timeout: float) -> int:
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return ""
 
