@@ -17,7 +17,7 @@ import pytest
 
 from emu_qemu.savestate import TAG
 from emu_tests.guest import READY_MARKER
-from emucore.errors import ConfigError
+from emucore.errors import ConfigError, NodeError
 from emucore.models import HostSettings, NodeEvent
 from emucore.node import Node
 from emucore.session import Session
@@ -84,6 +84,13 @@ def test_a_stopped_guest_resumes_where_it_was_and_other_on_close_discards_it(
         assert READY_MARKER not in log  # no boot since the start
         # Saved again at the next stop (the state before is replaced, not added to).
         await node.stop()
+        assert snapshots(overlay) == [TAG]
+
+        # A machine that no longer matches the state (more RAM) cannot take it: the start
+        # fails saying what to do, and the state stays for a matching start.
+        await emu_session.update_node("warm", {"ram": 160})
+        with pytest.raises(NodeError, match="restoring the saved VM state failed .*power_off"):
+            await node.start()
         assert snapshots(overlay) == [TAG]
 
         # Another on_close: the saved state is discarded at the start, the guest boots.
