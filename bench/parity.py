@@ -48,14 +48,6 @@ async def answered(node: Node) -> float:
         await console.close()
 
 
-async def started(node: Node) -> float:
-    began = benchlib.now()
-    await node.start()
-    took = benchlib.now() - began
-    await node.stop()
-    return took
-
-
 async def main(runs: int) -> None:
     with benchlib.lab_directory("parity") as root:
         tiny = benchlib.guest()
@@ -82,7 +74,7 @@ async def main(runs: int) -> None:
                     times[key].append(await answered(node))
                     await node.stop()
                 for node, key in [(tpm, "tpm"), (plain, "plain")][:: -1 if flip else 1]:
-                    times[key].append(await started(node))
+                    times[key].append(await benchlib.timed_start(node))
                 began = benchlib.now()
                 await warm.stop()
                 times["save"].append(benchlib.now() - began)

@@ -1,5 +1,5 @@
 """Changes to a running QEMU node: the CD-ROM's medium is swapped and the guest reads the new
-disc; what cannot change live is refused before anything changes.
+disc, the CPU quota changes; what cannot change live is refused before anything changes.
 
 The guest here also has an auxiliary telnet console (its second serial port), whose shell
 is used to read the disc: both consoles reach the same running guest.
@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from emu_qemu.contract import monitor_of, prepared_disks
+from emu_qemu.throttle import throttling_of
 from emu_tests.console import wait_for_prompt
 from emucore.errors import ImageError, NodeError, NodeStateError
 from emucore.models import HostSettings
@@ -83,6 +84,12 @@ def test_the_cdrom_medium_is_swapped_while_the_guest_runs(
             assert (status, out) == (0, "/dev/ttyS1\nEMU-DISC-FIRST")
         finally:
             await aux.close()
+
+        # The CPU quota changes live too, through the same hooks.
+        await emu_session.update_node("cd", {"cpu_throttling": 50})
+        throttling = throttling_of(node)
+        assert throttling is not None
+        assert throttling.percent == 50
 
         # Refused before anything changes: the CD-ROM stays as it is.
         with pytest.raises(NodeStateError, match="cannot change ram while the node is started"):

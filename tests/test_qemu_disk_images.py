@@ -6,7 +6,6 @@ image a node uses, reported with the node (GNS3's ``*_md5sum``).
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,7 @@ import pytest
 
 from emucore.errors import ConfigError, ImageError, NodeError, NodeStateError
 from tests.conftest import QemuLab, run
-
-
-def qemu_img_info(path: Path) -> dict[str, Any]:
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    info: dict[str, Any] = json.loads(out)
-    return info
+from tests.helpers import qemu_img_info
 
 
 def test_create_resize_delete_with_qemu_img(qemu_lab: QemuLab) -> None:

@@ -7,7 +7,6 @@ RAM file system is still there after a stop and a start, and its uptime kept gro
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from emucore.models import HostSettings, NodeEvent
 from emucore.node import Node
 from emucore.session import Session
 from emucore.telnet import TelnetConsole
+from tests.helpers import qemu_img_info
 
 NodeFactory = Callable[..., Awaitable[Node]]
 ConsoleFactory = Callable[[Node], Awaitable[TelnetConsole]]
@@ -29,14 +29,7 @@ ConsoleFactory = Callable[[Node], Awaitable[TelnetConsole]]
 
 def snapshots(image: Path) -> list[str]:
     """The internal snapshots of a qcow2 file, as qemu-img lists them."""
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(image)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    return [snapshot["name"] for snapshot in json.loads(out).get("snapshots", [])]
+    return [snapshot["name"] for snapshot in qemu_img_info(image).get("snapshots", [])]
 
 
 @pytest.fixture
@@ -89,7 +82,7 @@ def test_a_stopped_guest_resumes_where_it_was_and_other_on_close_discards_it(
         # A machine that no longer matches the state (more RAM) cannot take it: the start
         # fails saying what to do, and the state stays for a matching start.
         await emu_session.update_node("warm", {"ram": 160})
-        with pytest.raises(NodeError, match="restoring the saved VM state failed .*power_off"):
+        with pytest.raises(NodeError, match=r"restoring the saved VM state failed .*power_off"):
             await node.start()
         assert snapshots(overlay) == [TAG]
 
