@@ -16,7 +16,8 @@ on the disks until the next save replaces it.
 (``snapshot-delete``), so a guest never jumps back to an old state later.
 
 Each job is awaited on QMP's ``JOB_STATUS_CHANGE`` events, bounded by the host setting
-``savevm_timeout``; ``info`` events say what was saved or restored. The jobs (QEMU ≥ 6.0)
+``savevm_timeout``, with an ``info`` event every few seconds while it runs; ``info``
+events say what was saved or restored, and how long it took. The jobs (QEMU ≥ 6.0)
 are used rather than HMP's ``savevm`` and ``-loadvm``: those want every writable drive to
 hold the snapshot, and the UEFI variable store is a raw flash drive that cannot, while the
 jobs take the list of drives.
@@ -33,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import EventListener
+
 from emu_qemu.contract import QemuNode, monitor_of, prepared_disks, qemu_pid
 from emu_qemu.images import resolve_image, sniff_format
 from emu_qemu.properties import DRIVES
@@ -45,6 +48,12 @@ EMULATOR = "qemu"
 
 TAG = "emu-saved-state"
 SAVE = "save_vm_state"
+PROGRESS_EVERY = 5.0
+JOB_WORDS = {
+    "snapshot-save": "saving the VM state",
+    "snapshot-load": "restoring the VM state",
+    "snapshot-delete": "discarding the VM state",
+}
 
 
 @hookimpl(trylast=True)
@@ -92,37 +101,44 @@ def _node_names(disks: list[dict[str, Any]]) -> list[str]:
     return [str(block["inserted"]["node-name"]) for block in disks]
 
 
+async def _concluded(listener: EventListener, job: str) -> None:
+    async for event in listener:
+        data = event.get("data", {})
+        if isinstance(data, dict) and data.get("id") == job and data.get("status") == "concluded":
+            return
+
+
 async def run_job(
     node: QemuNode, monitor: Monitor, command: str, arguments: dict[str, Any]
 ) -> None:
-    """Run a QMP job and wait (bounded by ``savevm_timeout``) until it concluded.
+    """Run a QMP job and wait until it concluded: bounded by ``savevm_timeout``, with an
+    ``info`` event every :data:`PROGRESS_EVERY` seconds while it runs.
 
     :raises QmpError: the job failed or did not finish in time.
     """
     timeout = node.emulator_settings.savevm_timeout
     job = f"emu-{command}"
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     listener = monitor.listener("JOB_STATUS_CHANGE")
+    waiting = asyncio.ensure_future(_concluded(listener, job))
     try:
         await monitor.execute(command, {"job-id": job, **arguments})
-
-        async def concluded() -> None:
-            async for event in listener:
-                data = event.get("data", {})
-                if not isinstance(data, dict):
-                    continue
-                if data.get("id") == job and data.get("status") == "concluded":
-                    return
-
-        try:
-            await asyncio.wait_for(concluded(), timeout)
-        except TimeoutError:
-            raise QmpError(f"{command} did not finish within {timeout:g} s") from None
+        while True:
+            left = began + timeout - loop.time()
+            if left <= 0:
+                raise QmpError(f"{command} did not finish within {timeout:g} s")
+            done, _ = await asyncio.wait({waiting}, timeout=min(PROGRESS_EVERY, left))
+            if done:
+                break
+            node.emit("info", f"{JOB_WORDS[command]}: {loop.time() - began:.0f} s so far")
         jobs = await monitor.execute("query-jobs")
         error = next((j.get("error") for j in jobs if j.get("id") == job), None)
         await monitor.execute("job-dismiss", {"id": job})
         if error:
             raise QmpError(f"{command} failed: {error}")
     finally:
+        waiting.cancel()
         monitor.client.remove_listener(listener)
 
 
