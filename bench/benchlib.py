@@ -69,6 +69,15 @@ def guest_node(lab: Session, tiny: TinyGuest, name: str, ram: int = 128, **prope
     return lab.add_node(description | properties)
 
 
+async def timed_start(node: Node) -> float:
+    """Seconds ``node.start()`` takes; the node is stopped afterwards (untimed)."""
+    began = now()
+    await node.start()
+    took = now() - began
+    await node.stop()
+    return took
+
+
 def booted(node: Node) -> bool:
     """Whether the guest printed its ready marker (QEMU logs the serial line to a file)."""
     try:

@@ -24,8 +24,6 @@ from pathlib import Path
 
 import benchlib
 
-from emucore.node import Node
-
 TARGET = 1.05
 BIG_SIZE = 20 << 30
 CHUNKS, CHUNK = 40, 16 << 20
@@ -42,14 +40,6 @@ def check_seconds(path: Path) -> float:
     began = benchlib.now()
     subprocess.run(["qemu-img", "check", "-U", str(path)], check=True, capture_output=True)
     return benchlib.now() - began
-
-
-async def timed_start(node: Node) -> float:
-    began = benchlib.now()
-    await node.start()
-    took = benchlib.now() - began
-    await node.stop()
-    return took
 
 
 async def main(runs: int) -> None:
@@ -78,12 +68,12 @@ async def main(runs: int) -> None:
             for size in ("small", "big")
         }
         try:
-            first = {size: await timed_start(node) for size, node in nodes.items()}
+            first = {size: await benchlib.timed_start(node) for size, node in nodes.items()}
             times: dict[str, list[float]] = {"small": [], "big": []}
             for round_number in range(runs):
                 order = ["small", "big"] if round_number % 2 == 0 else ["big", "small"]
                 for size in order:
-                    times[size].append(await timed_start(nodes[size]))
+                    times[size].append(await benchlib.timed_start(nodes[size]))
         finally:
             await lab.close()
     small, big = benchlib.median(times["small"]), benchlib.median(times["big"])

@@ -13,11 +13,21 @@ plugin name               module                      concern
 ``qemu.boot``             ``emu_qemu.boot``           boot order, BIOS, kernel, initrd
 ``qemu.disks``            ``emu_qemu.disks``          drives, linked clones
 ``qemu.network``          ``emu_qemu.network``        NICs, NIOs, link state
-``qemu.console``          ``emu_qemu.console``        telnet / VNC / SPICE console
+``qemu.console``          ``emu_qemu.console``        console and auxiliary console: telnet /
+                                                      VNC / SPICE
 ``qemu.process``          ``emu_qemu.process``        launch, QMP, stop, suspend, resume, reload
 ``qemu.priority``         ``emu_qemu.priority``       process priority
 ``qemu.throttle``         ``emu_qemu.throttle``       CPU quota by cgroup, or cpulimit
 ``qemu.capture``          ``emu_qemu.capture``        pcap capture with filter-dump
 ``qemu.options``          ``emu_qemu.options``        the user's extra options
+``qemu.uefi``             ``emu_qemu.uefi``           OVMF firmware, the node's UEFI variables
+``qemu.tpm``              ``emu_qemu.tpm``            swtpm, the guest's TPM
+``qemu.savestate``        ``emu_qemu.savestate``      save the VM's state at stop, restore it
+``qemu.diskimages``       ``emu_qemu.diskimages``     create, resize, delete node disk images
+``qemu.checksums``        ``emu_qemu.checksums``      md5 of the node's images (node info)
 ========================  ==========================  ==========================================
+
+Helper modules that register no hooks: :mod:`emu_qemu.contract` (what the pieces share),
+``qemuopts``, ``qemuimg``, ``images``, ``chain``, ``userargs``, ``guestcid``,
+``optionpolicy``, ``properties``, ``positions``, ``qmp``, ``qemubinary``, ``cpulimit``.
 """

@@ -22,6 +22,9 @@ the console port    ``qemu.console``: sets     ``qemu.options`` (``%console-port
 the disks           ``qemu.disks``: sets        anyone who needs the disks of this start
                     :data:`DISKS` in            (saved state, checksums) through
                     ``emu_prepare_disks``       :func:`prepared_disks`
+the paused start    ``qemu.process``: calls     ``qemu.savestate`` (restores a saved state)
+                    :func:`paused` between
+                    QMP and ``cont``
 ==================  =========================  ==============================================
 
 The user's options are parsed by a plain function (:func:`emu_qemu.userargs.user_argv`),
@@ -38,6 +41,7 @@ from emu_qemu.properties import QemuProperties, QemuSettings
 from emu_qemu.qemubinary import QemuBinary
 from emu_qemu.qmp import Monitor
 from emucore.errors import NodeError, NodeStateError
+from emucore.hooks import call_each
 from emucore.node import Node
 from emucore.stash import StashKey
 
@@ -118,3 +122,9 @@ DISKS = StashKey[dict[str, PreparedDisk]]()
 def prepared_disks(node: QemuNode) -> dict[str, PreparedDisk]:
     """The disks prepared for this start (empty before ``emu_prepare_disks`` ran)."""
     return node.stash.get(DISKS, {})
+
+
+async def paused(node: QemuNode) -> None:
+    """Call ``emu_qemu_paused`` (QEMU runs, QMP answers, the CPUs have not run yet)."""
+    if hasattr(node.hooks.manager.hook, "emu_qemu_paused"):
+        await call_each(node.hooks.manager, "emu_qemu_paused", node.emulator, None, node=node)

@@ -4,6 +4,9 @@ With ``linked_clone`` (the default) every disk the node writes is a qcow2 overla
 directory, ``hd<x>_disk.qcow2``, whose backing file is the base image: the base is opened
 read-only by QEMU and by every qemu-img call here, and is never repaired or written. Without
 ``linked_clone`` the node uses the image itself, and no other node may use it at the same time.
+
+The CD-ROM (``cdrom_image``) is read-only and used as it is. Its medium changes while the node
+runs (QMP ``blockdev-change-medium``, or ``eject`` for none): the guest sees a new disc.
 """
 
 from __future__ import annotations
@@ -14,18 +17,19 @@ from pathlib import Path
 
 from emu_qemu import positions, qemuimg
 from emu_qemu.chain import check_image_chain, referenced_files
-from emu_qemu.contract import DISKS, PreparedDisk, QemuNode, binary
+from emu_qemu.contract import DISKS, PreparedDisk, QemuNode, binary, monitor_of
 from emu_qemu.images import resolve_image, sniff_format
-from emu_qemu.properties import DRIVES
+from emu_qemu.properties import DRIVES, QemuProperties
 from emu_qemu.qemuopts import opts
 from emucore import hookimpl
-from emucore.errors import ConfigError, ImageError
+from emucore.errors import ConfigError, ImageError, NodeError
 from emucore.files import UnsafePathError, check_regular
 from emucore.records import ArgFragment
 
 EMULATOR = "qemu"
 
 _X86 = ("x86_64", "i386")
+CDROM_ID = "cdrom0"
 
 
 def overlay_path(node: QemuNode, drive: str) -> Path:
@@ -190,7 +194,8 @@ def emu_build_args(node: QemuNode) -> Sequence[ArgFragment]:
     if props.cdrom_image:
         cdrom, cdrom_format = _disk_for(node, "cdrom")
         cdrom_drive: dict[str, str | int | bool] = {"file": str(cdrom), "format": cdrom_format}
-        cdrom_drive |= {"if": "ide", "index": 2, "media": "cdrom", "readonly": True}
+        cdrom_drive |= {"id": CDROM_ID, "if": "ide", "index": 2, "media": "cdrom"}
+        cdrom_drive["readonly"] = True
         args += ["-drive", opts(None, cdrom_drive)]
     return [ArgFragment(positions.DISKS, args, "qemu.disks")] if args else []
 
@@ -228,3 +233,42 @@ def _controller(present: set[str], controller_id: str, device: str) -> list[str]
         return []
     present.add(controller_id)
     return ["-device", opts(device, {"id": controller_id})]
+
+
+@hookimpl(trylast=True)
+def emu_live_properties(node: QemuNode) -> list[str]:
+    """``cdrom_image`` changes while the node runs: the medium is swapped."""
+    return ["cdrom_image"]
+
+
+@hookimpl(trylast=True)
+async def emu_update_running(
+    node: QemuNode, previous: QemuProperties, changed: frozenset[str]
+) -> None:
+    """Swap the CD-ROM's medium over QMP: eject it, or insert the new image (checked like
+    any image) read-only, as a user would at the machine."""
+    if "cdrom_image" not in changed:
+        return
+    monitor = monitor_of(node)
+    blocks = await monitor.execute("query-block")
+    drive = next((b for b in blocks if b.get("device") == CDROM_ID), None)
+    if drive is None:
+        raise NodeError(
+            node.name,
+            "cdrom_image: the node started without a CD-ROM drive, so no medium can be"
+            " inserted while it runs; stop it to add one",
+        )
+    disks = node.stash.setdefault(DISKS, {})
+    wanted = node.properties.cdrom_image
+    if not wanted:
+        await monitor.execute("eject", {"id": drive["qdev"], "force": True})
+        disks.pop("cdrom", None)
+        return
+    cdrom = resolve_image(node, "cdrom_image", wanted)
+    info = await check_image_chain(
+        node, qemuimg.find_qemu_img(binary(node).path), "cdrom_image", cdrom
+    )
+    fmt = str(info["format"])
+    medium = {"id": drive["qdev"], "filename": str(cdrom), "format": fmt}
+    await monitor.execute("blockdev-change-medium", {**medium, "read-only-mode": "read-only"})
+    disks["cdrom"] = PreparedDisk("cdrom", cdrom, fmt, cdrom)

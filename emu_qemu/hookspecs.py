@@ -7,9 +7,11 @@ clearly when nobody implements one.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from emucore import hookspec
+from emucore.hooks import may_be_async
 
 if TYPE_CHECKING:
     from emu_qemu.qemubinary import QemuBinary
@@ -30,4 +32,21 @@ def emu_qemu_binary(node: Node[Any, Any]) -> QemuBinary | None:
     :raises NodeError: the binary the node names is missing or unusable (name the field).
 
     The first non-``None`` result wins. Sync.
+    """
+
+
+@may_be_async
+@hookspec
+def emu_qemu_paused(node: Node[Any, Any]) -> Awaitable[None] | None:
+    """QEMU runs with its CPUs paused and answers QMP: act before the guest runs.
+
+    ``qemu.process`` calls it at each start between connecting QMP (``contract.MONITOR``
+    is set) and releasing the CPUs (``cont``): the place to restore a saved state or set
+    up devices over QMP before the guest's first instruction.
+
+    :param node: the node (status ``starting``).
+    :return: nothing.
+    :raises EmuError: the start fails (and QEMU is stopped).
+
+    Results are collected (and ignored). May be async.
     """

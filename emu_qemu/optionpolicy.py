@@ -11,7 +11,8 @@ run — and several syntaxes to spell each: ``key=value`` lists with an implied 
   QEMU parses it (a JSON object when it starts with ``{``, else an option string);
 * in any value, no key (at any depth, dotted or ``no``-prefixed) may be one of
   :data:`UNSAFE_KEYS`; a ``-device`` or ``-global`` may not name a driver of
-  :data:`UNSAFE_DEVICES` or :data:`UNSAFE_DEVICE_PREFIXES`;
+  :data:`UNSAFE_DEVICES` or :data:`UNSAFE_DEVICE_PREFIXES` (but a ``-device
+  vhost-vsock-pci`` whose ``guest-cid`` is the node's own, claimed for ``%guest-cid%``);
 * a word that is neither an option nor an option's value is refused (QEMU would open it as
   the first hard disk), as is a value that cannot be parsed (JSON QEMU might read otherwise).
 
@@ -132,11 +133,20 @@ def option_string(implied: str | None = None) -> Checker:
     return check
 
 
-def device(option: str, value: str) -> list[str]:
-    """``-device``: no unsafe key, and a driver that does not reach into the host."""
+# The vsock device a guest is reached at by its CID: allowed with the node's own CID only.
+VSOCK_DEVICE = "vhost-vsock-pci"
+
+
+def device(option: str, value: str, guest_cid: int | None = None) -> list[str]:
+    """``-device``: no unsafe key, and a driver that does not reach into the host; or
+    ``vhost-vsock-pci`` with ``guest-cid`` set to ``guest_cid``, the node's own."""
     problems, pairs = _checked_pairs(option, value, "driver")
     drivers = [str(v) for k, v in pairs if k == "driver"]
-    problems += [f"{option} {driver}" for driver in drivers if unsafe_device(driver)]
+    cids = [str(v) for k, v in pairs if k == "guest-cid"]
+    own_vsock = guest_cid is not None and drivers == [VSOCK_DEVICE] and cids == [str(guest_cid)]
+    problems += [
+        f"{option} {driver}" for driver in drivers if unsafe_device(driver) and not own_vsock
+    ]
     return problems
 
 
@@ -209,9 +219,13 @@ def option_name(word: str) -> str:
     return "-" + word[2:] if word.startswith("--") else word
 
 
-def unsafe_options(argv: Sequence[str]) -> list[str]:
+def unsafe_options(argv: Sequence[str], guest_cid: int | None = None) -> list[str]:
     """Why each unsafe part of ``argv`` (a node's options, placeholders replaced) may not
-    reach QEMU; empty when all of it may."""
+    reach QEMU; empty when all of it may.
+
+    :param guest_cid: the node's claimed guest CID, if any: a ``vhost-vsock-pci`` device
+        with that ``guest-cid`` may be used.
+    """
     problems: list[str] = []
     words = iter(argv)
     for word in words:
@@ -233,5 +247,8 @@ def unsafe_options(argv: Sequence[str]) -> list[str]:
             # QEMU would take it as the value; a reader (or a check) would take an option.
             problems.append(f"{option} {value[:40]!r} (a value may not start with '-')")
             continue
-        problems += checker(option, value)
+        if checker is device:
+            problems += device(option, value, guest_cid)
+        else:
+            problems += checker(option, value)
     return problems

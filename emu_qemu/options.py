@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from emu_qemu import positions
 from emu_qemu.contract import QemuNode
+from emu_qemu.guestcid import claimed_cid
 from emu_qemu.optionpolicy import unsafe_options
 from emu_qemu.userargs import user_argv
 from emucore import hookimpl
@@ -30,7 +31,7 @@ def check_options(node: QemuNode, argv: Sequence[str] | None = None) -> None:
     """
     if node.settings.allow_unsafe_options:
         return
-    unsafe = unsafe_options(user_argv(node) if argv is None else argv)
+    unsafe = unsafe_options(user_argv(node) if argv is None else argv, claimed_cid(node))
     if unsafe:
         listed = ", ".join(dict.fromkeys(unsafe))
         raise ConfigError(

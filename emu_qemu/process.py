@@ -3,7 +3,8 @@
 Start: QEMU runs in the node directory with ``-S`` (CPUs paused) and QMP on ``qmp.sock``;
 its stdout and stderr go to ``qemu.log``, which begins with the command line. If a plugin
 made a cgroup for the node (:data:`~emucore.cgroups.NODE_CGROUP`, e.g. a CPU quota), QEMU
-is put in it at once, before its CPUs run. Once QMP answers, ``cont`` lets the guest run.
+is put in it at once, before its CPUs run. Once QMP answers, the other pieces act on the
+paused machine (``emu_qemu_paused``), then ``cont`` lets the guest run.
 A task waits on the process, so an exit is seen at once, not by polling.
 
 Stop: ``on_close = shutdown_signal`` asks the guest to power off (ACPI) and waits
@@ -25,7 +26,7 @@ import attrs
 from qemu.qmp import EventListener
 
 from emu_qemu import positions
-from emu_qemu.contract import MONITOR, PID, QemuNode, monitor_of
+from emu_qemu.contract import MONITOR, PID, QemuNode, monitor_of, paused
 from emu_qemu.qmp import SOCKET_NAME, Monitor, QmpError
 from emucore import hookimpl
 from emucore.cgroups import NODE_CGROUP, CgroupError
@@ -106,6 +107,7 @@ async def emu_start(node: QemuNode, argv: Sequence[str]) -> None:
     (directory / SOCKET_NAME).chmod(0o600)
     listener = monitor.listener("SHUTDOWN")
     running.events = asyncio.get_running_loop().create_task(_remember_shutdown(running, listener))
+    await paused(node)  # e.g. a saved state restored before the guest runs
     try:
         await monitor.execute("cont")
     except QmpError as exc:

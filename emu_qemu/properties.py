@@ -30,8 +30,8 @@ DISK_INTERFACES = frozenset(
     ("ide", "sata", "scsi", "virtio", "nvme", "sd", "mtd", "floppy", "pflash", "none")
 )
 BOOT_PRIORITIES = frozenset(("c", "d", "n", "cn", "cd", "dn", "dc", "nc", "nd"))
-CONSOLE_TYPES = frozenset(("telnet", "vnc", "spice", "none"))
-ON_CLOSE = frozenset(("power_off", "shutdown_signal"))
+CONSOLE_TYPES = frozenset(("telnet", "vnc", "spice", "spice+agent", "none"))
+ON_CLOSE = frozenset(("power_off", "shutdown_signal", "save_vm_state"))
 PROCESS_PRIORITIES = frozenset(("realtime", "very high", "high", "normal", "low", "very low"))
 DRIVES = ("a", "b", "c", "d")
 
@@ -149,6 +149,36 @@ def _console_port(inst: QemuProperties, _attr: attrs.Attribute[Any], value: int 
         raise ValueError(f"must be {VNC_BASE_PORT} or more for a VNC console; got {value}")
 
 
+def _aux_port(inst: QemuProperties, _attr: attrs.Attribute[Any], value: int | None) -> None:
+    if value is None:
+        return
+    in_range(0, 65535)(inst, _attr, value)
+    if inst.aux_type == "vnc" and 0 < value < VNC_BASE_PORT:
+        raise ValueError(f"must be {VNC_BASE_PORT} or more for a VNC console; got {value}")
+    if value and value == inst.console and inst.console_type != "none":
+        raise ValueError(f"must differ from the console port; got {value} for both")
+
+
+def _aux_type(inst: QemuProperties, _attr: attrs.Attribute[Any], value: str) -> None:
+    one_of(CONSOLE_TYPES)(inst, _attr, value)
+    graphical = ("vnc", "spice", "spice+agent")
+    both = {value, inst.console_type}
+    # One VNC server and one SPICE server per QEMU: a second of a kind has nowhere to go.
+    if value in graphical and (value == inst.console_type or both == {"spice", "spice+agent"}):
+        raise ValueError(
+            f"cannot be {value!r} when console_type is {inst.console_type!r}: QEMU has one"
+            " display server of each kind; use telnet (a second serial port) or another kind"
+        )
+
+
+def _uefi_without_bios(inst: QemuProperties, _attr: attrs.Attribute[Any], value: bool) -> None:
+    if value and inst.bios_image:
+        raise ValueError(
+            "cannot be used together with bios_image: UEFI boots the OVMF firmware;"
+            " remove bios_image or set uefi = false"
+        )
+
+
 @attrs.frozen
 class QemuProperties:
     """The properties of a QEMU node (see ``docs/qemu-node.md``)."""
@@ -182,6 +212,10 @@ class QemuProperties:
     boot_priority: str = attrs.field(default="c", validator=one_of(BOOT_PRIORITIES))
     console: int | None = attrs.field(default=None, validator=_console_port)
     console_type: str = attrs.field(default="telnet", validator=one_of(CONSOLE_TYPES))
+    aux: int | None = attrs.field(default=None, validator=_aux_port)
+    aux_type: str = attrs.field(default="none", validator=_aux_type)
+    uefi: bool = attrs.field(default=False, validator=_uefi_without_bios)
+    tpm: bool = False
     linked_clone: bool = True
     on_close: str = attrs.field(default="power_off", validator=one_of(ON_CLOSE))
     cpu_throttling: int = attrs.field(default=0, validator=in_range(0, 800))
@@ -237,6 +271,12 @@ class QemuSettings:
     :ivar cgroup_root: the cgroup directory the nodes' groups go under (``emu/<node id>``);
         by default the root of the mounted hierarchy (cgroup v2 if its cpu controller is
         available, else v1's ``cpu``).
+    :ivar ovmf_code: the UEFI firmware (read-only) nodes with ``uefi`` boot; a bare file
+        name, or a path that does not exist, is looked up in the image directories.
+    :ivar ovmf_vars: the UEFI variable store each node with ``uefi`` gets a copy of.
+    :ivar swtpm_path: the TPM emulator for nodes with ``tpm``: a name looked up in
+        ``binary_dirs`` then ``PATH``, or an absolute path.
+    :ivar savevm_timeout: seconds saving or restoring a VM's state may take.
     """
 
     kvm: str = attrs.field(default="auto", validator=one_of(KVM_MODES))
@@ -253,3 +293,11 @@ class QemuSettings:
     cgroup_root: str = attrs.field(
         default="", validator=[printable(4096, allow_empty=True), _absolute_or_empty]
     )
+    ovmf_code: str = attrs.field(
+        default="/usr/share/OVMF/OVMF_CODE_4M.fd", validator=printable(4096)
+    )
+    ovmf_vars: str = attrs.field(
+        default="/usr/share/OVMF/OVMF_VARS_4M.fd", validator=printable(4096)
+    )
+    swtpm_path: str = attrs.field(default="swtpm", validator=printable(4096))
+    savevm_timeout: float = attrs.field(default=120.0, validator=in_range(1, 3600))

@@ -98,28 +98,36 @@ async def info(qemu_img: str, path: Path, image_format: str | None = None) -> di
     return _info_cache[key]
 
 
-def _checked_file() -> Path:
-    return cache_dir() / "checked-images.json"
+class StampedFile:
+    """A JSON file in emu's cache remembering one value per image file, keyed by its path,
+    size and mtime (``path|size|mtime_ns``); when it is written, the entries of files that
+    are gone (temporary bases of tests, deleted labs) are dropped."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def load(self) -> dict[str, Any]:
+        """Everything remembered ({} when the file is missing or unreadable)."""
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads((cache_dir() / self.name).read_text())
+            if isinstance(data, dict):
+                return {str(key): value for key, value in data.items()}
+        return {}
+
+    def remember(self, key: str, value: Any) -> None:
+        """Add ``key``; a cache that cannot be written is not an error."""
+        path = cache_dir() / self.name
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            known = {k: v for k, v in self.load().items() if Path(k.split("|")[0]).exists()}
+            known[key] = value
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(known, indent=1))
+            temporary.replace(path)
 
 
-def _load_checked() -> dict[str, int]:
-    with contextlib.suppress(OSError, ValueError):
-        data = json.loads(_checked_file().read_text())
-        if isinstance(data, dict):
-            return {str(k): int(v) for k, v in data.items()}
-    return {}
-
-
-def _remember_checked(key: str, returncode: int) -> None:
-    path = _checked_file()
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Forget images that are gone (temporary bases of tests, deleted labs).
-        checked = {k: v for k, v in _load_checked().items() if Path(k.split("|")[0]).exists()}
-        checked[key] = returncode
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(checked, indent=1))
-        temporary.replace(path)
+_CHECKED = StampedFile("checked-images.json")
+_MD5S = StampedFile("image-md5.json")
 
 
 async def check_base(qemu_img: str, path: Path, image_format: str) -> Completed:
@@ -130,12 +138,12 @@ async def check_base(qemu_img: str, path: Path, image_format: str) -> Completed:
     if image_format not in ("qcow2", "qed", "vdi", "vhdx", "parallels"):
         return Completed(CHECK_OK, "format has no consistency check")
     key = "|".join(map(str, _stamp(path)))
-    remembered = _load_checked().get(key)
-    if remembered is not None:
+    remembered = _CHECKED.load().get(key)
+    if isinstance(remembered, int):
         return Completed(remembered, "checked before, unchanged since")
     done = await run(qemu_img, ["check", "-U", "-f", image_format, str(path)])
     if done.returncode in (CHECK_OK, CHECK_LEAKS, CHECK_CORRUPT):
-        _remember_checked(key, done.returncode)
+        _CHECKED.remember(key, done.returncode)
     return done
 
 
@@ -151,9 +159,16 @@ def _md5_file(path: Path) -> str:
 
 
 async def md5(path: Path) -> str:
-    """The md5 of an image, computed in a thread (never on the event loop) and cached by
-    size+mtime; computed only when asked for."""
+    """The md5 of an image, computed in a thread (never on the event loop), once per file:
+    remembered by path, size and mtime, in memory and in ``<cache>/image-md5.json`` (a host
+    restart does not read gigabytes again); computed only when asked for."""
     stamp = _stamp(path)
     if stamp not in _md5_cache:
-        _md5_cache[stamp] = await asyncio.to_thread(_md5_file, path)
+        key = "|".join(map(str, stamp))
+        remembered = _MD5S.load().get(key)
+        if isinstance(remembered, str):
+            _md5_cache[stamp] = remembered
+        else:
+            _md5_cache[stamp] = digest = await asyncio.to_thread(_md5_file, path)
+            _MD5S.remember(key, digest)
     return _md5_cache[stamp]

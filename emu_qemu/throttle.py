@@ -16,7 +16,8 @@ goes back to the host's own cgroup and the node's group is removed, or cpulimit 
 and QEMU continued; so a SIGTERM never waits on a stopped QEMU and a low quota never slows
 a stop down. A group left by a host that died (its QEMU died with it) is removed at the
 node's next start, killing what is still in it. :func:`set_cpu_throttling` changes the
-share while the node runs.
+share while the node runs, and so does a change of the running node's ``cpu_throttling``
+(``Session.update_node``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import attrs
 
 from emu_qemu.contract import QemuNode, qemu_pid
 from emu_qemu.cpulimit import Cpulimit, CpulimitError, limit_for, start_cpulimit
-from emu_qemu.properties import QemuSettings
+from emu_qemu.properties import QemuProperties, QemuSettings
 from emucore import hookimpl
 from emucore.cgroups import (
     NODE_CGROUP,
@@ -247,6 +248,21 @@ async def emu_stop(node: QemuNode) -> None:
                     "warning",
                     f"cpu_throttling: the node's cgroup stays until its next start ({exc})",
                 )
+
+
+@hookimpl(trylast=True)
+def emu_live_properties(node: QemuNode) -> list[str]:
+    """``cpu_throttling`` changes while the node runs."""
+    return ["cpu_throttling"]
+
+
+@hookimpl(trylast=True)
+async def emu_update_running(
+    node: QemuNode, previous: QemuProperties, changed: frozenset[str]
+) -> None:
+    """Apply a new ``cpu_throttling`` at once (:func:`set_cpu_throttling`)."""
+    if "cpu_throttling" in changed:
+        await set_cpu_throttling(node, node.properties.cpu_throttling)
 
 
 async def set_cpu_throttling(node: QemuNode, percent: int) -> None:

@@ -11,28 +11,33 @@ import re
 import shlex
 
 from emu_qemu.contract import QemuNode, console_port
+from emu_qemu.guestcid import claim_guest_cid
 from emu_qemu.qemuopts import escape
 from emucore.errors import ConfigError
 
-PLACEHOLDER = re.compile(r"%(?:vm-name|vm-id|project-id|project-path|console-port)%")
+PLACEHOLDER = re.compile(r"%(?:vm-name|vm-id|project-id|project-path|console-port|guest-cid)%")
 
 
 def _raw_placeholders(node: QemuNode) -> dict[str, str]:
     console = node.console.port if node.console else console_port(node)
-    return {
+    values = {
         "%vm-name%": node.name,
         "%vm-id%": str(node.config.id),
         "%project-id%": str(node.project.id),
         "%project-path%": str(node.project.directory),
         "%console-port%": str(console),
     }
+    if "%guest-cid%" in node.properties.options:  # claimed only by nodes that use it
+        values["%guest-cid%"] = str(claim_guest_cid(node))
+    return values
 
 
 def placeholders(node: QemuNode) -> dict[str, str]:
-    """The values of ``%vm-name%``, ``%vm-id%``, ``%project-id%``, ``%project-path%`` and
+    """The values of ``%vm-name%``, ``%vm-id%``, ``%project-id%``, ``%project-path%``,
     ``%console-port%`` (a real port: the console module picks one up front when options use
-    it), with commas doubled: most QEMU arguments are option strings, and a name or path must
-    not add keys to the user's option."""
+    it) and ``%guest-cid%`` (claimed, unique on the host: :mod:`emu_qemu.guestcid`), with
+    commas doubled: most QEMU arguments are option strings, and a name or path must not add
+    keys to the user's option."""
     return {key: escape(value) for key, value in _raw_placeholders(node).items()}
 
 

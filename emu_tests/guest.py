@@ -33,7 +33,7 @@ READY_MARKER = "EMU-GUEST-READY"
 PROMPT = "emu-guest# "
 
 # Bump when the initramfs layout changes without any input changing.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -57,6 +57,18 @@ REQUIRED_MODULES = (
 )
 # The cloud kernel does not build e1000 at all; vmxnet3 is its one emulated non-virtio NIC.
 OPTIONAL_MODULES = ("e1000", "vmxnet3")
+# Shipped but not loaded at boot (probing costs boot time): a test loads them when it needs
+# them, in this order, with `load_on_demand`: the IDE CD-ROM (libata, ata_piix, sr_mod) and
+# the UEFI variables' file system (efivarfs).
+ON_DEMAND_MODULES = (
+    "scsi_common",
+    "scsi_mod",
+    "libata",
+    "ata_piix",
+    "cdrom",
+    "sr_mod",
+    "efivarfs",
+)
 
 # Under TCG every printk on the serial line and every crypto self-test (~0.3 s) costs boot
 # time; a throwaway test guest needs neither, nor CPU vulnerability mitigations.
@@ -298,7 +310,7 @@ def _module_files(tree: Path, version: str) -> dict[str, Path]:
             f"kernel {version} in {tree} has no module {', '.join(missing)}: the tiny guest"
             f" needs it; {KERNEL_METAPACKAGE} may have changed, so update REQUIRED_MODULES"
         )
-    wanted = REQUIRED_MODULES + OPTIONAL_MODULES
+    wanted = REQUIRED_MODULES + OPTIONAL_MODULES + ON_DEMAND_MODULES
     return {name: available[name] for name in wanted if name in available}
 
 
@@ -402,10 +414,12 @@ _CONSOLE = ("dev/console", 0o020600, (5, 1))
 def _initramfs_files(busybox: Path, modules: Mapping[str, bytes]) -> dict[str, tuple[int, bytes]]:
     """Return every regular file of the image: path to (mode, content)."""
     load_order = "".join(f"{name}\n" for name in REQUIRED_MODULES + OPTIONAL_MODULES)
+    on_demand = "".join(f"{name}\n" for name in ON_DEMAND_MODULES if name in modules)
     files = {
         "init": (0o100755, INIT_SCRIPT.read_bytes()),
         "bin/busybox": (0o100755, busybox.read_bytes()),
         "lib/modules/load-order": (0o100644, load_order.encode()),
+        "lib/modules/on-demand": (0o100644, on_demand.encode()),
     }
     for name, data in modules.items():
         files[f"lib/modules/{name}.ko"] = (0o100644, data)

@@ -82,14 +82,33 @@ watch_power_buttons() {
     done
 }
 
-# Interactive shells read $ENV: plain poweroff/reboot signal init, which this init ignores.
+# Interactive shells read $ENV: plain poweroff/reboot signal init, which this init ignores;
+# load_on_demand loads the modules not loaded at boot (CD-ROM, efivarfs), in their order.
 write_shell_profile() {
     mkdir -p /etc /root
     cat >/etc/emu-shrc <<'EOF'
 PS1='emu-guest# '
 poweroff() { sync; busybox poweroff -f; }
 reboot() { sync; busybox reboot -f; }
+load_on_demand() {
+    for name in $(cat /lib/modules/on-demand); do
+        grep -q "^$name " /proc/modules || insmod "/lib/modules/$name.ko" 2>/dev/null \
+            || echo "emu-guest: module $name not loaded (no such device here?)" >&2
+    done
+}
 EOF
+}
+
+# A second serial port (an auxiliary console) gets a shell too; type 0 is no UART at all.
+start_second_serial_shell() {
+    type=$(cat /sys/class/tty/ttyS1/type 2>/dev/null)
+    [ -n "$type" ] && [ "$type" != 0 ] || return 0
+    (
+        while :; do
+            # A session leader opening the tty makes it its controlling terminal.
+            setsid sh -c 'exec sh -i </dev/ttyS1 >/dev/ttyS1 2>&1'
+        done
+    ) &
 }
 
 ip link set lo up
@@ -99,6 +118,7 @@ watch_power_buttons
 write_shell_profile
 export ENV=/etc/emu-shrc PS1='emu-guest# '
 cd /root
+start_second_serial_shell
 echo EMU-GUEST-READY
 
 # setsid gives the shell its own session so cttyhack can make the serial line its

@@ -14,7 +14,9 @@ through this module:
 * files that hold data (disks, captures): :func:`check_regular` refuses anything but a
   regular file with one name, and says what is in the way;
 * files a child process opens by name (a capture QEMU writes, a log VPCS appends to):
-  :func:`prepare_for_child` leaves a fresh regular file at the path first.
+  :func:`prepare_for_child` leaves a fresh regular file at the path first;
+* sockets a child connects to (a serial console, a TPM emulator's control channel):
+  :func:`unix_listener` binds them itself, mode 0600, in place of whatever was there.
 
 The threat is a planted tree, not a concurrent attacker on the same machine: the checks run
 just before use, in emu's own process.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import stat
 from pathlib import Path
 from typing import IO, Any
@@ -195,3 +198,39 @@ def prepare_for_child(path: Path) -> Path:
     with create_file(path, "wb"):
         pass
     return path
+
+
+# sun_path holds 107 bytes: a longer path is reached through a directory descriptor.
+_SUN_PATH_MAX = 107
+
+
+def unix_listener(directory: Path, name: str, backlog: int = 1) -> socket.socket:
+    """A UNIX stream socket listening at ``directory/name`` (mode 0600), for a child process
+    to connect to; whatever was at that path (a stale socket, a planted link) is removed
+    first. A path longer than a socket address may be is reached through a directory
+    descriptor.
+
+    :param name: a plain file name.
+    :param backlog: the connections that may wait to be accepted.
+    :raises OSError: the socket cannot be bound (read-only directory...).
+    """
+    path = directory / name
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dir_fd = None
+    try:
+        address = str(path)
+        if len(address) > _SUN_PATH_MAX:
+            dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
+            address = f"/proc/self/fd/{dir_fd}/{name}"
+        listener.bind(address)
+        path.chmod(0o600)
+        listener.listen(backlog)
+    except BaseException:
+        listener.close()
+        raise
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    return listener

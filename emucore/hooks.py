@@ -19,7 +19,7 @@ plugin registers.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -56,12 +56,21 @@ def emulator_kind(plugin: object) -> str | None:
 
 
 async def call_each(
-    manager: pluggy.PluginManager, name: str, kind: str | None = None, **kwargs: Any
+    manager: pluggy.PluginManager,
+    name: str,
+    kind: str | None = None,
+    until: Callable[[Any], bool] | None = None,
+    /,
+    **kwargs: Any,
 ) -> list[Any]:
     """Call the *may be async* hook ``name`` one implementation at a time, awaiting each
     result before the next implementation is called.
 
+    :param name: the hook (positional only, like ``kind`` and ``until``: the hook's own
+        arguments, given as keywords, may have any name).
     :param kind: only plugins of this emulator kind, or of none, take part (``None``: all).
+    :param until: stop after the first result for which it is true (a hook where one
+        implementation takes the request: the later ones are not called).
     :return: the non-``None`` results, in call order.
     """
     caller: pluggy.HookCaller = getattr(manager.hook, name)
@@ -76,7 +85,13 @@ async def call_each(
                 result = await result
             if result is not None:
                 results.append(result)
+            if until is not None and until(result):
+                return results
     return results
+
+
+def _taken(result: Any) -> bool:
+    return result is True
 
 
 def join_fragments(fragments: Sequence[ArgFragment]) -> list[str]:
@@ -116,8 +131,11 @@ class NodeHooks:
             return None
         return self.caller(name)(**kwargs)
 
-    async def _each(self, name: str, **kwargs: Any) -> list[Any]:
-        return await call_each(self.manager, name, self.emulator, **kwargs)
+    async def _each(
+        self, hook: str, until: Callable[[Any], bool] | None = None, /, **kwargs: Any
+    ) -> list[Any]:
+        # Positional-only: a hook may have an argument called "name".
+        return await call_each(self.manager, hook, self.emulator, until, **kwargs)
 
     def node_created(self, node: Node) -> None:
         """Call ``emu_node_created``."""
@@ -196,3 +214,39 @@ class NodeHooks:
     async def close(self, node: Node) -> None:
         """Call ``emu_close``."""
         await self._each("emu_close", node=node)
+
+    def live_properties(self, node: Node) -> set[str]:
+        """Call ``emu_live_properties``: every property some plugin can change live."""
+        results = self.caller("emu_live_properties")(node=node)
+        return {name for names in results for name in names}
+
+    async def update_running(self, node: Node, previous: Any, changed: frozenset[str]) -> None:
+        """Call ``emu_update_running``."""
+        await self._each("emu_update_running", node=node, previous=previous, changed=changed)
+
+    async def node_info(self, node: Node) -> dict[str, Any]:
+        """Call ``emu_node_info`` and merge the answers (the first answer for a key wins)."""
+        merged: dict[str, Any] = {}
+        for answer in await self._each("emu_node_info", node=node):
+            for key, value in answer.items():
+                merged.setdefault(key, value)
+        return merged
+
+    async def create_disk_image(self, node: Node, name: str, options: Mapping[str, Any]) -> bool:
+        """Call ``emu_create_disk_image``; whether an implementation created the image."""
+        results = await self._each(
+            "emu_create_disk_image", _taken, node=node, name=name, options=options
+        )
+        return any(result is True for result in results)
+
+    async def resize_disk_image(self, node: Node, name: str, extend: int) -> bool:
+        """Call ``emu_resize_disk_image``; whether an implementation resized the image."""
+        results = await self._each(
+            "emu_resize_disk_image", _taken, node=node, name=name, extend=extend
+        )
+        return any(result is True for result in results)
+
+    async def delete_disk_image(self, node: Node, name: str) -> bool:
+        """Call ``emu_delete_disk_image``; whether an implementation deleted the image."""
+        results = await self._each("emu_delete_disk_image", _taken, node=node, name=name)
+        return any(result is True for result in results)

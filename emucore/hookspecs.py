@@ -34,7 +34,7 @@ and the field, file or adapter concerned. Anything else is wrapped in a ``NodeEr
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -374,6 +374,114 @@ def emu_close(node: Node) -> Awaitable[None] | None:
     :return: nothing.
 
     Results are collected (and ignored). May be async.
+    """
+
+
+@hookspec
+def emu_live_properties(node: Node) -> Collection[str]:
+    """Name the properties this plugin can change while the node runs.
+
+    A change of a running node's description (``Session.update_node``) is refused, before
+    anything is applied, unless every property it changes is named by some implementation;
+    the error names the others. The answer may depend on the node (a property that can
+    change only while some device exists).
+
+    :param node: the node (status ``started`` or ``suspended``).
+    :return: property names (fields of the emulator's properties class).
+
+    Results of all implementations are collected. Sync.
+    """
+    raise NotImplementedError
+
+
+@may_be_async
+@hookspec
+def emu_update_running(
+    node: Node, previous: Any, changed: frozenset[str]
+) -> Awaitable[None] | None:
+    """Apply changed properties to the running node (swap a medium, change a CPU quota).
+
+    Called after every changed property was claimed through ``emu_live_properties``;
+    ``node.properties`` holds the new values already. Apply only what your plugin named
+    there; raise to refuse a value (the core then puts the previous description back, so
+    leave the node as it was).
+
+    :param node: the node (status ``started`` or ``suspended``).
+    :param previous: the properties before the change (the emulator's properties class).
+    :param changed: the names of the properties whose values differ.
+    :return: nothing.
+
+    Results are collected (and ignored). May be async.
+    """
+
+
+@may_be_async
+@hookspec
+def emu_node_info(node: Node) -> Mapping[str, Any] | Awaitable[Mapping[str, Any]] | None:
+    """Report facts about the node that are not its properties, for front ends to show.
+
+    Checksums of the images it uses, the port of a second console, what it was started
+    with: whatever a front end may want to put beside the properties. Keys are the
+    plugin's; an emulator whose properties carry another tool's names should use that
+    tool's names for these too. Must be cheap or cached: hosts ask whenever they render
+    a node, without taking the node's lock (a start may be running).
+
+    :param node: the node, in any status.
+    :return: a mapping of names to JSON-compatible values, or ``None``; where two
+        implementations give the same key, the first one called wins (a third party's
+        plain implementation runs before the built-ins).
+
+    Results of all implementations are collected and merged. May be async.
+    """
+
+
+@may_be_async
+@hookspec
+def emu_create_disk_image(
+    node: Node, name: str, options: Mapping[str, Any]
+) -> bool | Awaitable[bool] | None:
+    """Create a new, empty disk image in the node's directory.
+
+    The core has checked that ``name`` is a plain file name (no directory part, no leading
+    dot). Check everything else yourself: ``options`` comes as the user sent it.
+
+    :param node: the node, in any status.
+    :param name: the file name inside ``node.directory``.
+    :param options: the image's format, size and format options, unchecked.
+    :return: ``True`` when this implementation created the image (the later ones are not
+        called then); when none does, the core refuses the request.
+    :raises EmuError: the name or an option is refused, the file exists, or the tool failed.
+
+    Results are collected up to the first ``True``; the core awaits each. May be async.
+    """
+
+
+@may_be_async
+@hookspec
+def emu_resize_disk_image(node: Node, name: str, extend: int) -> bool | Awaitable[bool] | None:
+    """Make a disk image in the node's directory larger.
+
+    :param node: the node (status ``stopped``: the core refuses a running node).
+    :param name: the file name inside ``node.directory`` (a plain name, checked).
+    :param extend: how much to add, in MiB (at least 1, checked).
+    :return: ``True`` when this implementation resized it (the later ones are not called
+        then); when none does, the core refuses the request.
+
+    Results are collected up to the first ``True``; the core awaits each. May be async.
+    """
+
+
+@may_be_async
+@hookspec
+def emu_delete_disk_image(node: Node, name: str) -> bool | Awaitable[bool] | None:
+    """Delete a disk image in the node's directory.
+
+    :param node: the node (status ``stopped``: the core refuses a running node).
+    :param name: the file name inside ``node.directory`` (a plain name, checked).
+    :return: ``True`` when this implementation deleted it (the later ones are not called
+        then); when none does, the core refuses the request.
+
+    Results are collected up to the first ``True``; the core awaits each. May be async.
     """
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Generic, cast
 
@@ -266,21 +266,29 @@ class Node(Generic[P, S]):
                 self.closed = True
 
     async def reconfigure(self, config: NodeConfig, adapter_count: int) -> None:
-        """Replace the description of a stopped node (validated by the host, e.g. with
+        """Replace the description of a node (validated by the host, e.g. with
         :meth:`Session.update_node <emucore.session.Session.update_node>`).
 
-        Adapters that remain keep their NIOs; new ones start unconnected.
+        On a stopped node anything may change; adapters that remain keep their NIOs, new
+        ones start unconnected. On a running node only properties that some plugin names in
+        ``emu_live_properties`` may change (the name may too: it is the host's); they are
+        applied through ``emu_update_running``, and the previous description is put back
+        if that fails.
 
         :param config: the new description; its ``id`` and ``emulator`` must not change.
         :param adapter_count: the adapter count of the new properties.
-        :raises NodeStateError: the node is not stopped, or was closed.
+        :raises NodeStateError: the node was closed, or runs and a property that cannot
+            change live would change (nothing is changed then).
         :raises NodeError: an adapter that would disappear is connected.
         """
         async with self._lock:
             self._refuse_if_closed("change the node")
-            self._require(NodeStatus.STOPPED, "change the node")
             if config.id != self.config.id or config.emulator != self.emulator:
                 raise NodeError(self.name, "the node id and the emulator cannot change")
+            if self.is_running:
+                await self._reconfigure_running(config)
+                return
+            self._require(NodeStatus.STOPPED, "change the node")
             connected = [a.number for a in self.adapters[adapter_count:] if a.nio is not None]
             if connected:
                 raise NodeError(
@@ -293,6 +301,82 @@ class Node(Generic[P, S]):
                 self.adapters[n] if n < len(self.adapters) else Adapter(n, config.nios.get(n))
                 for n in range(adapter_count)
             )
+
+    async def _reconfigure_running(self, config: NodeConfig) -> None:
+        changed = frozenset(changed_properties(self.config.properties, config.properties))
+        live = self.hooks.live_properties(self) if changed else set()
+        refused = sorted(changed - live)
+        if refused:
+            can = f" (it can change {', '.join(sorted(live))} while it runs)" if live else ""
+            raise NodeStateError(
+                self.name,
+                f"cannot change {', '.join(refused)} while the node is {self.status.value};"
+                f" stop it first{can}",
+            )
+        previous = self.config
+        self.config = config
+        if not changed:
+            return
+        try:
+            work = self.hooks.update_running(self, previous.properties, changed)
+            await self._guard("change", work)
+        except BaseException:
+            self.config = previous
+            raise
+
+    # -- disk images -----------------------------------------------------------------------
+
+    async def create_disk_image(self, name: str, options: Mapping[str, Any]) -> None:
+        """Create an empty disk image ``name`` in the node's directory (its emulator's
+        plugins check ``options``: format, size...).
+
+        :raises NodeError: the name is not a plain file name, or no plugin creates images.
+        """
+        async with self._lock:
+            self._refuse_if_closed("create a disk image")
+            checked = disk_image_name(self.name, name)
+            self.make_directory()
+            work = self.hooks.create_disk_image(self, checked, options)
+            if not await self._guard("create disk image", work):
+                raise NodeError(self.name, f"no plugin of {self.emulator!r} creates disk images")
+
+    async def resize_disk_image(self, name: str, extend: int) -> None:
+        """Make the disk image ``name`` in the node's directory ``extend`` MiB larger.
+
+        :raises NodeStateError: the node runs (its emulator may have the image open).
+        :raises NodeError: a bad name or size, or no plugin resizes images.
+        """
+        async with self._lock:
+            self._refuse_if_closed("resize a disk image")
+            checked = disk_image_name(self.name, name)
+            self._require(NodeStatus.STOPPED, f"resize {checked}")
+            if isinstance(extend, bool) or not isinstance(extend, int) or extend < 1:
+                raise NodeError(
+                    self.name, f"extend: must be a positive number of MiB, got {extend!r}"
+                )
+            work = self.hooks.resize_disk_image(self, checked, extend)
+            if not await self._guard("resize disk image", work):
+                raise NodeError(self.name, f"no plugin of {self.emulator!r} resizes disk images")
+
+    async def delete_disk_image(self, name: str) -> None:
+        """Delete the disk image ``name`` from the node's directory.
+
+        :raises NodeStateError: the node runs (its emulator may have the image open).
+        :raises NodeError: a bad name, or no plugin deletes images.
+        """
+        async with self._lock:
+            self._refuse_if_closed("delete a disk image")
+            checked = disk_image_name(self.name, name)
+            self._require(NodeStatus.STOPPED, f"delete {checked}")
+            work = self.hooks.delete_disk_image(self, checked)
+            if not await self._guard("delete disk image", work):
+                raise NodeError(self.name, f"no plugin of {self.emulator!r} deletes disk images")
+
+    async def info(self) -> dict[str, Any]:
+        """What the node's plugins report beside its properties (``emu_node_info``): image
+        checksums, the port of a second console... Does not wait for a running operation
+        (a start may hold the node's lock for a while)."""
+        return await self._guard("info", self.hooks.node_info(self))  # type: ignore[no-any-return]
 
     # -- network ---------------------------------------------------------------------------
 
@@ -459,3 +543,31 @@ class Node(Generic[P, S]):
             raise
         except Exception as exc:
             raise NodeError(self.name, f"{action} failed: {exc}") from exc
+
+
+def changed_properties(old: Any, new: Any) -> list[str]:
+    """The names of the fields whose values differ between two properties objects of the
+    same attrs class."""
+    return [f.name for f in attrs.fields(type(old)) if getattr(old, f.name) != getattr(new, f.name)]
+
+
+_MAX_NAME = 255
+
+
+def disk_image_name(node: str, name: Any) -> str:
+    """``name`` if it is a plain file name a node directory may hold: no directory part,
+    not hidden (no leading dot), printable, at most 255 characters.
+
+    :raises NodeError: naming what is wrong.
+    """
+    if not isinstance(name, str) or not name:
+        raise NodeError(node, f"disk image name: must be a non-empty string, got {name!r}")
+    if len(name) > _MAX_NAME or not name.isprintable() or "/" in name or "\\" in name:
+        raise NodeError(
+            node,
+            f"disk image name {name[:60]!r}: must be a plain file name (at most {_MAX_NAME}"
+            " printable characters, no / or \\)",
+        )
+    if name.startswith("."):
+        raise NodeError(node, f"disk image name {name!r}: must not start with a dot")
+    return name

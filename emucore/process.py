@@ -64,6 +64,7 @@ async def spawn(
     output: IO[Any] | int | None = asyncio.subprocess.DEVNULL,
     stdin: int | None = asyncio.subprocess.DEVNULL,
     death_signal: signal.Signals = signal.SIGTERM,
+    pass_fds: Sequence[int] = (),
 ) -> asyncio.subprocess.Process:
     """Start ``argv`` as a child that dies with the host (see the module docstring).
 
@@ -74,8 +75,11 @@ async def spawn(
     :param death_signal: what the kernel sends the child when the host dies: ``SIGTERM``
         (default: the child may shut down in order) or ``SIGKILL`` (it cannot be blocked,
         caught or left pending; for helpers that need no clean exit).
+    :param pass_fds: descriptors the child inherits under the same numbers (a socket it
+        listens on, bound by the host); every other descriptor is closed.
     """
     common: dict[str, Any] = {
+        "pass_fds": tuple(pass_fds),
         "cwd": cwd,
         "stdin": stdin,
         "stdout": output,
@@ -128,7 +132,9 @@ async def reap_pidfile(path: Path, timeout: float = 5.0) -> int | None:
     """Kill the process a leftover pidfile names if it is still ours; remove the file.
 
     The marker (e.g. the node's directory) guards against killing an unrelated process
-    that reused the pid. Waits (bounded) until the process is gone, so its ports are free.
+    that reused the pid: it must appear in the process's command line, or be its working
+    directory (children that name their files relatively). Waits (bounded) until the
+    process is gone, so its ports are free.
 
     :return: the pid killed, if any.
     """
@@ -139,7 +145,7 @@ async def reap_pidfile(path: Path, timeout: float = 5.0) -> int | None:
         path.unlink(missing_ok=True)
         return None
     killed = None
-    if marker and marker in _cmdline(pid):
+    if marker and (marker in _cmdline(pid) or _cwd(pid) == marker):
         with contextlib.suppress(ProcessLookupError):
             killed = await kill_and_wait(pid, timeout)
     path.unlink(missing_ok=True)
@@ -174,6 +180,13 @@ async def kill_and_wait(pid: int, timeout: float) -> int:
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return ""
 
@@ -231,10 +244,11 @@ class Supervised:
         output: IO[Any] | int | None = asyncio.subprocess.DEVNULL,
         stdin: int | None = asyncio.subprocess.DEVNULL,
         death_signal: signal.Signals = signal.SIGTERM,
+        pass_fds: Sequence[int] = (),
         on_exit: ExitHandler | None = None,
     ) -> Supervised:
-        """Start ``argv`` (see :func:`spawn` for ``cwd``, ``output``, ``stdin`` and
-        ``death_signal``).
+        """Start ``argv`` (see :func:`spawn` for ``cwd``, ``output``, ``stdin``,
+        ``death_signal`` and ``pass_fds``).
 
         :param pidfile: kill a leftover it names (a host that died before the kernel could
             help), then record the new pid there, marked with ``cwd``.
@@ -242,7 +256,14 @@ class Supervised:
         """
         if pidfile is not None:
             await reap_pidfile(pidfile)
-        process = await spawn(argv, cwd=cwd, output=output, stdin=stdin, death_signal=death_signal)
+        process = await spawn(
+            argv,
+            cwd=cwd,
+            output=output,
+            stdin=stdin,
+            death_signal=death_signal,
+            pass_fds=pass_fds,
+        )
         if pidfile is not None:
             write_pidfile(pidfile, process.pid, str(cwd or ""))
         return cls(process, pidfile, on_exit)

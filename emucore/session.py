@@ -208,17 +208,21 @@ class Session:
             raise EmuError(f"no node named {name!r} in this project") from None
 
     async def update_node(self, name: str, changes: Mapping[str, Any], *, where: str = "") -> Node:
-        """Change properties (or the name) of a stopped node; the others keep their values.
+        """Change properties (or the name) of a node; the others keep their values.
 
         The node's current properties, overlaid with ``changes``, are validated like a new
         description (every bad field reported at once), then the emulator's plugins check the
-        node again (``emu_node_created``); on any failure the node stays as it was.
+        node again (``emu_node_created``); on any failure the node stays as it was. A running
+        node takes only the properties its plugins can change live (``emu_live_properties``,
+        applied through ``emu_update_running``, see :meth:`Node.reconfigure
+        <emucore.node.Node.reconfigure>`); the name may always change.
 
         :param name: the node's current name.
         :param changes: properties to change, and ``name`` to rename it.
         :param where: where the changes came from, for error messages.
         :raises ConfigError: the result is invalid, or the new name is taken.
-        :raises NodeStateError: the node is not stopped.
+        :raises NodeStateError: the node runs and a property that cannot change live would
+            change.
         """
         node = self.node(name)
         current = default_converter().unstructure(node.properties)

@@ -1,15 +1,17 @@
-"""Small helpers several test files share: pcap reading, process scans, cgroups."""
+"""Small helpers several test files share: pcap reading, process scans, cgroups, images."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import queue
+import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import dpkt
 
@@ -126,3 +128,16 @@ def cpu_seconds(pid: int) -> float:
     """User and system CPU time of a process so far, all threads (``/proc/<pid>/stat``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def qemu_img_info(path: Path) -> dict[str, Any]:
+    """``qemu-img info`` of an image, read without a lock (a running QEMU may hold it)."""
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    info: dict[str, Any] = json.loads(out)
+    return info

@@ -1,11 +1,12 @@
 """A host process for orphan tests: start QEMU nodes, print their pids, wait to be killed.
 
-Usage: python tests/hold_nodes.py PROJECT_DIR KERNEL INITRD COUNT [--throttle MECHANISMS]
+Usage: python tests/hold_nodes.py PROJECT_DIR KERNEL INITRD COUNT [--throttle MECHANISMS] [--tpm]
 
 ``--throttle auto,cpulimit`` throttles every node to 50 % of a CPU, node *i* with the
-*i*-th mechanism (cycling; ``auto`` is a cgroup where one can be written). Prints one line
-``PIDS ...`` (every QEMU, and every cpulimit and its guard), one line ``GROUPS ...`` (the
-nodes' cgroup directories) and one line ``MECHANISMS m1,m2,...``, then waits.
+*i*-th mechanism (cycling; ``auto`` is a cgroup where one can be written). ``--tpm`` gives
+every node a TPM (a swtpm each). Prints one line ``PIDS ...`` (every QEMU, every cpulimit
+and its guard, every swtpm), one line ``GROUPS ...`` (the nodes' cgroup directories) and
+one line ``MECHANISMS m1,m2,...``, then waits.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from pathlib import Path
 
 from emu_qemu.contract import qemu_pid
 from emu_qemu.throttle import throttling_of
+from emu_qemu.tpm import SWTPM
 from emucore.models import HostSettings, Project
 from emucore.session import Session
 
 
-async def main(project_dir: Path, kernel: Path, initrd: Path, count: int, throttle: str) -> None:
+async def main(
+    project_dir: Path, kernel: Path, initrd: Path, count: int, throttle: str, tpm: bool
+) -> None:
     mechanisms = throttle.split(",") if throttle else ["auto"]
     sessions = {
         mechanism: Session(
@@ -44,10 +48,13 @@ async def main(project_dir: Path, kernel: Path, initrd: Path, count: int, thrott
                 "initrd": str(initrd),
                 "kernel_command_line": "console=ttyS0 quiet",
                 "cpu_throttling": 50 if throttle else 0,
+                "tpm": tpm,
             }
         )
         await node.start()
         pids.append(qemu_pid(node))
+        if tpm:
+            pids.append(node.stash[SWTPM].pid)
         state = throttling_of(node)
         if state is not None and state.cpulimit is not None:
             pids += [state.cpulimit.guard.pid, state.cpulimit.pid]
@@ -63,4 +70,5 @@ async def main(project_dir: Path, kernel: Path, initrd: Path, count: int, thrott
 if __name__ == "__main__":
     directory, kernel, initrd, count = sys.argv[1:5]
     mechanisms = sys.argv[sys.argv.index("--throttle") + 1] if "--throttle" in sys.argv else ""
-    asyncio.run(main(Path(directory), Path(kernel), Path(initrd), int(count), mechanisms))
+    tpm = "--tpm" in sys.argv
+    asyncio.run(main(Path(directory), Path(kernel), Path(initrd), int(count), mechanisms, tpm))

@@ -48,6 +48,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from emu_qemu.guestcid import claimed_cid
 from emu_qemu.network import adapter_mac
 from emu_qemu.properties import (
     ADAPTER_TYPES,
@@ -94,12 +95,12 @@ HOST_REACHING_OPTIONS = frozenset(
     " -acpitable -semihosting -semihosting-config -qtest".split()
 )
 
-PLACEHOLDER = re.compile(r"%(?:vm-name|vm-id|project-id|project-path|console-port)%")
+PLACEHOLDER = re.compile(r"%(?:vm-name|vm-id|project-id|project-path|console-port|guest-cid)%")
 
 # Options emu itself generates: those that take a value, and flags.
 EMU_VALUED = frozenset(
     "-accel -machine -name -uuid -m -smp -display -qmp -boot -bios -kernel -initrd -append"
-    " -drive -device -netdev -chardev -serial -vnc -vga -spice".split()
+    " -drive -device -netdev -chardev -serial -vnc -vga -spice -tpmdev".split()
 )
 EMU_FLAGS = frozenset("-S -nodefaults -no-user-config".split())
 # Options whose value QEMU takes whole, not as an option string.
@@ -122,6 +123,7 @@ TOKENS = [
     "%vm-id%",
     "%project-path%",
     "%console-port%",
+    "%guest-cid%",
     "%",
     "'",
     '"',
@@ -376,6 +378,10 @@ def node_descriptions(draw: st.DrawFn, lab: FuzzLab) -> dict[str, Any]:
         "boot_priority": choice_or_tricky(BOOT_PRIORITIES),
         "console": mostly(st.one_of(st.none(), st.integers(0, 65535), st.integers(5900, 6100))),
         "console_type": choice_or_tricky(CONSOLE_TYPES),
+        "aux": mostly(st.one_of(st.none(), st.integers(0, 65535), st.integers(5900, 6100))),
+        "aux_type": choice_or_tricky(CONSOLE_TYPES),
+        "uefi": mostly(st.booleans()),
+        "tpm": mostly(st.booleans()),
         "linked_clone": mostly(st.booleans()),
         "on_close": choice_or_tricky(ON_CLOSE),
         "cpu_throttling": mostly(st.integers(0, 100)),
@@ -513,7 +519,7 @@ def image_format(path: Path) -> str:
 
 
 def expected_emu_part(
-    lab: FuzzLab, node: Node, user_words: list[str], port: int
+    lab: FuzzLab, node: Node, user_words: list[str], ports: dict[str, int]
 ) -> list[tuple[str, Any]]:
     """What emu must generate for this node: computed from the description and the host's
     settings, not from emu's code (only the derived MACs are taken from emu)."""
@@ -544,7 +550,8 @@ def expected_emu_part(
     parsed = [canonical(option, value) for option, value in expected]
     parsed += expected_disks(lab, node)
     parsed += expected_network(node)
-    parsed += expected_console(node, host, port)
+    parsed += expected_console(node, host, ports)
+    parsed += expected_firmware_and_tpm(node)
     return parsed
 
 
@@ -590,7 +597,7 @@ def expected_disks(lab: FuzzLab, node: Node) -> list[tuple[str, Any]]:
     if props.cdrom_image:
         path = image_path(lab, props.cdrom_image)
         cdrom = {"file": str(path), "format": image_format(path), "if": "ide", "index": "2"}
-        cdrom |= {"media": "cdrom", "readonly": "on"}
+        cdrom |= {"id": "cdrom0", "media": "cdrom", "readonly": "on"}
         out.append(("-drive", tuple(sorted(cdrom.items()))))
     return out
 
@@ -634,38 +641,89 @@ def expected_network(node: Node) -> list[tuple[str, Any]]:
     return out
 
 
-def console_port(props: QemuProperties, emu_part: list[tuple[str, Any]]) -> int:
-    """The console port the command line must name: the node's; else, for SPICE (which
-    cannot pick its own) or when the options use ``%console-port%``, one emu picked (read
-    back from the argv, and checked to be a possible port); else 0: QEMU picks."""
-    if props.console or props.console_type == "none":
-        return props.console or 0
-    if props.console_type == "telnet":
-        return 0  # the host binds it at a real start; a dry run does not know it
-    if props.console_type != "spice" and "%console-port%" not in props.options:
-        return 0
-    option = {"vnc": "-vnc", "spice": "-spice"}[props.console_type]
-    (value,) = [dict(value) for name, value in emu_part if name == option]
-    # VNC names a display (port - 5900) after the address; the others name the port.
-    port = int(value["port"]) if "port" in value else 5900 + int(value[""].rsplit(":", 1)[1])
-    assert 1024 <= port <= 65535, f"emu picked console port {port}"
-    return port
+SPICE = ("spice", "spice+agent")
 
 
-def expected_console(node: Node, host: HostSettings, port: int) -> list[tuple[str, Any]]:
+def console_slots(props: QemuProperties) -> list[tuple[str, str, int]]:
+    """(role, type, fixed port) of the node's consoles that are not ``none``."""
+    slots = [("console", props.console_type, props.console or 0)]
+    slots.append(("aux", props.aux_type, props.aux or 0))
+    return [slot for slot in slots if slot[1] != "none"]
+
+
+def console_ports(props: QemuProperties, emu_part: list[tuple[str, Any]]) -> dict[str, int]:
+    """The port the command line must name for each console: the node's; else, for SPICE
+    (which cannot pick its own) or a VNC console when the options use ``%console-port%``,
+    one emu picked (read back from the argv, and checked to be a possible port); else 0:
+    QEMU (or, for telnet, the host at a real start) picks."""
+    ports = {}
+    for role, kind, fixed in console_slots(props):
+        picked = kind in SPICE or (
+            kind == "vnc" and role == "console" and "%console-port%" in props.options
+        )
+        if fixed or not picked:
+            ports[role] = fixed
+            continue
+        option = "-spice" if kind in SPICE else "-vnc"
+        (value,) = [dict(value) for name, value in emu_part if name == option]
+        # VNC names a display (port - 5900) after the address; SPICE names the port.
+        port = int(value["port"]) if "port" in value else 5900 + int(value[""].rsplit(":", 1)[1])
+        assert 1024 <= port <= 65535, f"emu picked {role} port {port}"
+        ports[role] = port
+    return ports
+
+
+def expected_console(
+    node: Node, host: HostSettings, ports: dict[str, int]
+) -> list[tuple[str, Any]]:
     props: QemuProperties = node.properties
     address = host.console_host
-    if props.console_type == "telnet":  # served by the host: QEMU's serial is its client
-        chardev = {"": "socket", "id": "console0", "path": "console.sock"}
-        return [("-chardev", tuple(sorted(chardev.items()))), ("-serial", "chardev:console0")]
-    if props.console_type == "vnc":
-        display = port - 5900 if port else 0
-        vnc = [("", f"{address}:{display}")] + ([] if port else [("to", "99")])
-        return [("-vnc", tuple(sorted(vnc))), ("-vga", "std")]
-    if props.console_type == "spice":
-        spice = [("addr", address), ("port", str(port)), ("disable-ticketing", "on")]
-        return [("-spice", tuple(sorted(spice))), ("-vga", "qxl")]
-    return []
+    out: list[tuple[str, Any]] = []
+    for role, kind, _ in console_slots(props):
+        port = ports[role]
+        if kind == "telnet":  # served by the host: QEMU's serial is its client
+            chardev = {"": "socket", "id": f"{role}0", "path": f"{role}.sock"}
+            out += [("-chardev", tuple(sorted(chardev.items()))), ("-serial", f"chardev:{role}0")]
+        elif kind == "vnc":
+            display = port - 5900 if port else 0
+            vnc = [("", f"{address}:{display}")] + ([] if port else [("to", "99")])
+            out.append(("-vnc", tuple(sorted(vnc))))
+        else:
+            spice = [("addr", address), ("port", str(port)), ("disable-ticketing", "on")]
+            out.append(("-spice", tuple(sorted(spice))))
+            if kind == "spice+agent":
+                out.append(("-device", items("virtio-serial-pci,id=spice-serial0")))
+                out.append(("-chardev", items("spicevmc,id=vdagent,debug=0,name=vdagent")))
+                out.append(("-chardev", items("spiceport,id=webdav,name=org.spice-space.webdav.0")))
+                for chardev, name in (
+                    ("vdagent", "com.redhat.spice.0"),
+                    ("webdav", "org.spice-space.webdav.0"),
+                ):
+                    port_device = (
+                        f"virtserialport,bus=spice-serial0.0,chardev={chardev},name={name}"
+                    )
+                    out.append(("-device", items(port_device)))
+    kinds = {kind for _, kind, _ in console_slots(props)}
+    if kinds & set(SPICE):
+        out.append(("-vga", "qxl"))
+    elif "vnc" in kinds:
+        out.append(("-vga", "std"))
+    return out
+
+
+def expected_firmware_and_tpm(node: Node) -> list[tuple[str, Any]]:
+    props: QemuProperties = node.properties
+    out: list[tuple[str, Any]] = []
+    if props.uefi:
+        code = {"if": "pflash", "format": "raw", "readonly": "on"}
+        code["file"] = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+        store = {"if": "pflash", "format": "raw", "file": str(node.directory / "OVMF_VARS_4M.fd")}
+        out += [("-drive", tuple(sorted(code.items()))), ("-drive", tuple(sorted(store.items())))]
+    if props.tpm:
+        out.append(("-chardev", items("socket,id=tpm0chr,path=swtpm.sock")))
+        out.append(("-tpmdev", items("emulator,id=tpm0,chardev=tpm0chr")))
+        out.append(("-device", items("tpm-tis,tpmdev=tpm0")))
+    return out
 
 
 def check_argv(lab: FuzzLab, node: Node, argv: list[str]) -> None:
@@ -677,14 +735,20 @@ def check_argv(lab: FuzzLab, node: Node, argv: list[str]) -> None:
     assert program.name.startswith("qemu-system-"), argv[0]
     emu_part = argv[1 : len(argv) - len(written)]
     parsed = parse_emu_part(emu_part)
-    port = console_port(props, parsed)
+    ports = console_ports(props, parsed)
     values = {
         "%vm-name%": node.name,
         "%vm-id%": str(node.config.id),
         "%project-id%": str(node.project.id),
         "%project-path%": str(node.project.directory),
-        "%console-port%": str(port),
+        "%console-port%": str(ports.get("console", props.console or 0)),
     }
+    cid = claimed_cid(node)  # taken from emu, like the MACs; checked to be the node's own
+    if "%guest-cid%" in props.options:
+        assert cid is not None
+        assert 3 <= cid <= 65535
+        assert node.claims.take(node, "guest cid", cid) is None  # held by this node
+        values["%guest-cid%"] = str(cid)
     user = [substitute(word, values) for word in written]
     assert argv[len(argv) - len(user) :] == user
     for index, (before, after) in enumerate(zip(written, user, strict=True)):
@@ -700,7 +764,7 @@ def check_argv(lab: FuzzLab, node: Node, argv: list[str]) -> None:
         options = {"-" + word.lstrip("-").split("=", 1)[0] for word in user if word[:1] == "-"}
         assert not options & HOST_REACHING_OPTIONS, options
     actual = collections.Counter(parsed)
-    expected = collections.Counter(expected_emu_part(lab, node, user, port))
+    expected = collections.Counter(expected_emu_part(lab, node, user, ports))
     assert actual == expected, (
         f"unexpected: {sorted(map(str, actual - expected))};"
         f" missing: {sorted(map(str, expected - actual))}"

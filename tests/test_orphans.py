@@ -1,8 +1,9 @@
-"""No orphans: the VMs (and their cpulimit) die with the host, even when it is SIGKILLed.
+"""No orphans: the VMs (and their cpulimit and swtpm) die with the host, even when it is
+SIGKILLed.
 
 The victims are throttled to 50 % of a CPU, one by its cgroup (where one can be written)
-and one by cpulimit under its guard: at the kill, their guests are booting, so cpulimit is
-busy stopping and continuing its QEMU.
+and one by cpulimit under its guard, and each has a TPM (its own swtpm): at the kill, their
+guests are booting, so cpulimit is busy stopping and continuing its QEMU.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def reap(pids: list[int]) -> None:
 
 def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]:
     """Start ``count`` throttled nodes in a host process, SIGKILL it, return what survives
-    10 s (pids of QEMU, cpulimit and its guard). Their cgroups must be empty by then."""
+    10 s (pids of QEMU, cpulimit and its guard, swtpm). Their cgroups must be empty by then."""
     host = subprocess.Popen(
         [
             sys.executable,
@@ -78,6 +79,7 @@ def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]
             str(count),
             "--throttle",
             "auto,cpulimit",
+            "--tpm",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -93,7 +95,9 @@ def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]
         hierarchy = writable_hierarchy()
         expected = [hierarchy.label if hierarchy else "cpulimit", "cpulimit"] * count
         assert mechanisms == expected[:count]  # no cpulimit where a cgroup can be written
-        assert len(pids) == count + 2 * mechanisms.count("cpulimit")
+        assert len(pids) == 2 * count + 2 * mechanisms.count("cpulimit")
+        programs = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] for pid in pids]
+        assert sum(program.endswith(b"/swtpm") for program in programs) == count
         os.kill(host.pid, signal.SIGKILL)
         host.wait(10)
         survivors = wait_gone(pids, timeout=10)
@@ -180,6 +184,23 @@ def test_a_leftover_named_by_a_pidfile_is_reaped(tmp_path: Path, emu_run: object
         for process in (leftover, unrelated):
             process.kill()
             process.wait()
+
+
+def test_a_leftover_that_names_its_files_relatively_is_known_by_its_directory(
+    tmp_path: Path,
+) -> None:
+    """swtpm (and QEMU) run in the node directory and name their files relatively: their
+    command line need not hold the marker, their working directory is it."""
+    marker = tmp_path / "node-dir"
+    marker.mkdir()
+    leftover = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], cwd=marker)
+    try:
+        write_pidfile(tmp_path / "helper.pid", leftover.pid, str(marker))
+        assert asyncio.run(reap_pidfile(tmp_path / "helper.pid")) == leftover.pid
+        assert leftover.wait(5) == -signal.SIGKILL
+    finally:
+        leftover.kill()
+        leftover.wait()
 
 
 # A host that spawns two children blocking SIGTERM (as cpulimit was found to), one with each

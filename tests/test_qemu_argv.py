@@ -528,7 +528,8 @@ def test_one_controller_for_several_disks(qemu_lab: QemuLab) -> None:
 def test_cdrom(qemu_lab: QemuLab) -> None:
     iso = qemu_lab.image("live.iso", "1M", "raw")
     argv = qemu_lab.argv(cdrom_image="live.iso", boot_priority="d")
-    assert after(argv, "-drive", f"file={iso},format=raw,if=ide,index=2,media=cdrom,readonly=on")
+    cdrom = f"file={iso},format=raw,id=cdrom0,if=ide,index=2,media=cdrom,readonly=on"
+    assert after(argv, "-drive", cdrom)
     assert after(argv, "-boot", "order=d")
 
 
@@ -751,7 +752,7 @@ def test_console_none(qemu_lab: QemuLab) -> None:
 
 
 def test_bad_console(qemu_lab: QemuLab) -> None:
-    assert "$.console_type: must be one of none, spice, telnet, vnc" in refused(
+    assert "$.console_type: must be one of none, spice, spice+agent, telnet, vnc" in refused(
         qemu_lab, console_type="serial"
     )
     assert "$.console: must be 0..65535, got 70000" in refused(qemu_lab, console=70000)

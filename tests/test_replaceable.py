@@ -7,20 +7,23 @@ tests/test_architecture.py (no hook module imports another), this shows that not
 a piece but through hooks and the declared contracts (``emu_qemu.contract``,
 ``emu_vpcs.terminal``): no one looks a plugin up by its name, and no module's state is
 written behind the hooks' back. A replacement written from scratch is tried for
-``qemu.binary`` as well.
+``qemu.binary`` as well. Where a piece does nothing for a plain node (UEFI, the TPM, the
+saved state...), the node asks for what it provides, and the test sees it done.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import subprocess
 import types
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from emu_qemu import qemuimg
 from emu_qemu.contract import QemuNode
 from emu_qemu.qemubinary import QemuBinary, find_binary
 from emu_tests.guest import TinyGuest
@@ -62,7 +65,7 @@ def session_replacing(
     return Session(Project.for_directory(tmp_path / "project"), settings=settings, plugins=manager)
 
 
-def tiny_node(session: Session, guest: TinyGuest) -> QemuNode:
+def tiny_node(session: Session, guest: TinyGuest, **extra: Any) -> QemuNode:
     return session.add_node(
         {
             "name": "r1",
@@ -74,23 +77,84 @@ def tiny_node(session: Session, guest: TinyGuest) -> QemuNode:
             "kernel_command_line": guest.kernel_command_line(ip="10.0.0.1/24", hostname="r1"),
             "cpu_throttling": 90,  # so the throttle piece has work to do
             "process_priority": "low",
+            "aux_type": "telnet",  # and the console piece two consoles
+            **extra,
         }
     )
 
 
-async def boots(session: Session, node: QemuNode) -> str:
+Check = Callable[[QemuNode], Awaitable[None]]
+
+
+async def boots(session: Session, node: QemuNode, check: Check | None = None) -> str:
     from emu_tests.console import open_guest_console
 
     try:
+        await node.create_disk_image("spare.qcow2", {"format": "qcow2", "size": 1})
         await node.start()
         console = await open_guest_console(node)
         try:
             _, output = await console.run("ip -o addr show eth0")
         finally:
             await console.close()
+        if check is not None:
+            await check(node)
         return output
     finally:
         await session.close()
+
+
+async def in_guest(node: QemuNode, command: str) -> int:
+    from emu_tests.console import open_guest_console
+
+    console = await open_guest_console(node)
+    try:
+        status, _ = await console.run(command)
+        return status
+    finally:
+        await console.close()
+
+
+async def uefi_booted(node: QemuNode) -> None:
+    assert await in_guest(node, "test -d /sys/firmware/efi") == 0
+
+
+async def tpm_present(node: QemuNode) -> None:
+    assert await in_guest(node, "test -e /sys/class/tpm/tpm0") == 0
+
+
+async def state_saved(node: QemuNode) -> None:
+    await node.stop()
+    info = await qemuimg.info(qemuimg.find_qemu_img(), node.directory / "hda_disk.qcow2")
+    assert [snapshot["name"] for snapshot in info["snapshots"]] == ["emu-saved-state"]
+
+
+async def aux_reported(node: QemuNode) -> None:
+    assert (await node.info())["aux"] > 0
+
+
+async def checksums_reported(node: QemuNode) -> None:
+    assert len((await node.info())["kernel_image_md5sum"]) == 32
+
+
+async def disk_image_made(node: QemuNode) -> None:
+    assert (node.directory / "spare.qcow2").is_file()
+
+
+def piece_at_work(name: str, images: Path) -> tuple[dict[str, Any], Check | None]:
+    """What the node needs for the piece ``name`` to have work to do, and how to see it done."""
+    if name == "qemu.savestate":
+        disk = images / "state.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+        return {"hda_disk_image": disk.name, "on_close": "save_vm_state"}, state_saved
+    at_work: dict[str, tuple[dict[str, Any], Check]] = {
+        "qemu.uefi": ({"uefi": True, "ram": 256}, uefi_booted),
+        "qemu.tpm": ({"tpm": True}, tpm_present),
+        "qemu.console": ({}, aux_reported),
+        "qemu.checksums": ({}, checksums_reported),
+        "qemu.diskimages": ({}, disk_image_made),
+    }
+    return at_work.get(name, ({}, None))
 
 
 @pytest.mark.parametrize("name", sorted(plugins_of("emu_qemu")))
@@ -99,7 +163,8 @@ def test_each_qemu_piece_can_be_replaced(
 ) -> None:
     module = importlib.import_module(plugins_of("emu_qemu")[name])
     session = session_replacing(tmp_path, emu_settings, name, copy_of(module))
-    output = emu_run(boots(session, tiny_node(session, tiny_guest)))
+    extra, check = piece_at_work(name, Path(emu_settings.image_dirs[0]))
+    output = emu_run(boots(session, tiny_node(session, tiny_guest, **extra), check))
     assert "10.0.0.1/24" in output
 
 
