@@ -37,6 +37,7 @@ from emu_gns3.hostload import HostLoad, memory_bytes
 from emu_gns3.interfaces import interfaces
 from emu_gns3.settings import ServeSettings
 from emucore.convert import structure
+from emucore.errors import ConfigError
 
 log = logging.getLogger("emu.gns3")
 
@@ -289,6 +290,35 @@ def _action(name: str) -> Handler:
     return act
 
 
+async def create_disk_image(request: web.Request) -> web.Response:
+    """``POST .../nodes/{node_id}/disk_image/{disk_name}``: an empty image in the node's
+    directory (GNS3's ``format``, ``size`` and the format's options, checked by the
+    emulator's plugins)."""
+    _, entry = _node(request)
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise ConfigError("disk image", ["$: must be an object of image options"])
+    await entry.node.create_disk_image(request.match_info["disk_name"], body)
+    return _no_content()
+
+
+async def update_disk_image(request: web.Request) -> web.Response:
+    """``PUT .../disk_image/{disk_name}``: ``{"extend": MiB}`` grows a stopped node's image."""
+    _, entry = _node(request)
+    body = await _json_body(request)
+    extend = body.get("extend") if isinstance(body, dict) else None
+    if extend is not None:
+        await entry.node.resize_disk_image(request.match_info["disk_name"], extend)
+    return _no_content()
+
+
+async def delete_disk_image(request: web.Request) -> web.Response:
+    """``DELETE .../disk_image/{disk_name}``: a stopped node's image goes."""
+    _, entry = _node(request)
+    await entry.node.delete_disk_image(request.match_info["disk_name"])
+    return _no_content()
+
+
 async def duplicate_node(request: web.Request) -> web.Response:
     """``POST .../nodes/{node_id}/duplicate``: refused."""
     raise Conflict("the emu compute does not duplicate nodes; create a new node instead")
@@ -429,6 +459,9 @@ def make_app(compute: Compute, settings: ServeSettings) -> web.Application:
             web.delete(node, delete_node),
             *(web.post(f"{node}/{name}", _action(name)) for name in _ACTIONS),
             web.post(node + "/duplicate", duplicate_node),
+            web.post(node + "/disk_image/{disk_name}", create_disk_image),
+            web.put(node + "/disk_image/{disk_name}", update_disk_image),
+            web.delete(node + "/disk_image/{disk_name}", delete_disk_image),
             web.post(node + "/console/reset", reset_console),
             web.get(node + "/console/ws", console_ws),
             web.post(port + "/nio", add_nio),

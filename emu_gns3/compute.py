@@ -29,7 +29,7 @@ from emu_gns3.hostload import check_memory
 from emu_gns3.notifications import Notifier
 from emucore.claims import Claims
 from emucore.convert import default_converter, structure
-from emucore.errors import ConfigError
+from emucore.errors import ConfigError, EmuError
 from emucore.models import HostSettings, Nio, NodeEvent, NodeStatus, Project, UdpNio
 from emucore.node import Node
 from emucore.pcap import follow
@@ -51,10 +51,13 @@ class NodeEntry:
 
     :ivar node: the core's node.
     :ivar captures: the capture file of each captured adapter.
+    :ivar info: what the node's plugins last reported beside its properties
+        (``Node.info()``: image checksums, the aux console's port), shown in the node JSON.
     """
 
     node: Node
     captures: dict[int, Path] = attrs.Factory(dict)
+    info: dict[str, Any] = attrs.Factory(dict)
 
     def public_console(self) -> int | None:
         """The ``console`` port GNS3 shows: the real one while the node runs, else the
@@ -76,6 +79,7 @@ class ComputeProject:
         )
         self.nodes: dict[str, NodeEntry] = {}
         self.tunnels: dict[tuple[str, int], Tunnel] = {}
+        self._refreshing: set[asyncio.Task[None]] = set()
         self._unsubscribe = self.session.events.subscribe(self._on_event)
 
     @property
@@ -100,8 +104,25 @@ class ComputeProject:
         return entry
 
     def render(self, entry: NodeEntry) -> dict[str, Any]:
-        """The node JSON of ``entry``."""
-        return nodes.render(entry.node, self.id, entry.public_console())
+        """The node JSON of ``entry``, with what its plugins last reported."""
+        return nodes.render(entry.node, self.id, entry.public_console()) | entry.info
+
+    def refresh_info(self, entry: NodeEntry) -> None:
+        """Ask the node's plugins again (in the background: a first checksum of a large
+        image takes seconds) and send ``node.updated`` when the answer changed."""
+        task = asyncio.get_running_loop().create_task(self._refresh(entry))
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
+
+    async def _refresh(self, entry: NodeEntry) -> None:
+        try:
+            info = await entry.node.info()
+        except EmuError as exc:
+            log.warning("%s: no node info: %s", entry.node.name, exc)
+            return
+        if info != entry.info and entry.node.name in self.session.nodes:
+            entry.info = info
+            self.compute.notifier.publish("node.updated", self.render(entry))
 
     # -- events ----------------------------------------------------------------------------
 
@@ -113,6 +134,7 @@ class ComputeProject:
             if entry.node.status not in (NodeStatus.STARTING, NodeStatus.STOPPING):
                 # GNS3 has neither: the next event tells the outcome.
                 self.compute.notifier.publish("node.updated", self.render(entry))
+                self.refresh_info(entry)  # a started node's aux port, say
         else:
             message = f"{event.node}: {event.message}"
             if event.details:
@@ -142,31 +164,30 @@ class ComputeProject:
         entry = NodeEntry(node)
         self.nodes[str(node.config.id)] = entry
         self._warn_ignored(node.name, ignored)
+        self.refresh_info(entry)
         return entry
 
     async def update_node(self, entry: NodeEntry, body: Mapping[str, Any]) -> None:
-        """Apply a GNS3 node update; what it replays unchanged changes nothing.
-
-        :raises Conflict: the node runs and a property would change.
-        """
+        """Apply a GNS3 node update; what it replays unchanged changes nothing. On a running
+        node the emulator takes what it can change live (a CD-ROM swap...); the core refuses
+        the rest (409, naming what can and cannot change live)."""
         node = entry.node
         info = self.compute.emulator(node.emulator)
         properties, ignored = nodes.split_properties(body, info.properties)
         if "console" in properties and properties["console"] == entry.public_console():
             del properties["console"]  # the port it reported, replayed: no change
+        for key, value in entry.info.items():  # what the plugins reported (aux), replayed
+            if key in properties and properties[key] == value:
+                del properties[key]
         current = self.session.node(node.name).properties
         changes = {k: v for k, v in properties.items() if _differs(current, k, v)}
         name = body.get("name", node.name)
         if name != node.name:
             changes["name"] = name
         if changes:
-            if node.status is not NodeStatus.STOPPED:
-                keys = ", ".join(sorted(changes))
-                raise Conflict(
-                    f"node {node.name!r} is {node.status.value}: stop it to change {keys}"
-                )
             nodes.missing_image(info.properties, changes, self.compute.settings)
             await self.session.update_node(node.name, changes, where=f"node {node.name!r}")
+            self.refresh_info(entry)  # new images, new checksums
         self._warn_ignored(node.name, ignored)
 
     async def act(self, entry: NodeEntry, action: str) -> None:
@@ -298,6 +319,8 @@ class ComputeProject:
     async def close(self) -> None:
         """Stop every node and free every port; the files stay."""
         self._unsubscribe()
+        for task in list(self._refreshing):
+            task.cancel()
         self.tunnels.clear()
         await self.session.close()
 

@@ -12,8 +12,11 @@ compute answers ``ImageMissingError``. The controller starts once per session (`
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -272,6 +275,84 @@ def test_a_stopped_node_changes_its_cpus_through_the_gui(
         controller.api("DELETE", f"/projects/{project}")
 
 
+# What the guest reads from a disc: its first bytes (see tests/test_qemu_cdrom.py).
+READ_DISC = (
+    "for try in 1 2 3 4 5 6 7 8 9 10; do"
+    " label=$(dd if=/dev/sr0 bs=2048 count=1 2>/dev/null | head -c 16 | tr -d '\\000');"
+    ' [ -n "$label" ] && break; sleep 0.3; done; echo "$label"'
+)
+
+
+def test_a_running_node_swaps_its_cdrom_and_reports_checksums_and_aux(
+    lab_compute: tuple[Controller, EmuCompute, str], guest: TinyGuest
+) -> None:
+    """GNS3 3.0's node features through the controller: a CD-ROM swapped while the guest
+    runs (what cannot change live is refused with 409), the images' md5sums and the aux
+    console's port in the node, and disk images made, grown and deleted in the node's
+    directory."""
+    controller, compute, compute_id = lab_compute
+    shutil.copy(guest.kernel, compute.images / "tiny-vmlinuz")
+    shutil.copy(guest.initrd, compute.images / "tiny-initrd.img")
+    for name, label in (("first.iso", "EMU-DISC-FIRST"), ("second.iso", "EMU-DISC-SECOND")):
+        (compute.images / name).write_bytes(label.encode().ljust(1 << 20, b"\0"))
+    project = controller.api("POST", "/projects", {"name": "emu-parity"})["project_id"]
+    try:
+        properties = qemu_properties(guest, "cd", "tiny-initrd.img", eth0="10.0.9.1/24")
+        properties |= {"cdrom_image": "first.iso", "aux_type": "telnet"}
+        body = {"name": "cd", "node_type": "qemu", "compute_id": compute_id}
+        node = controller.api(
+            "POST", f"/projects/{project}/nodes", body | {"properties": properties}
+        )["node_id"]
+        path = f"/projects/{project}/nodes/{node}"
+        controller.api("POST", path + "/start", {})
+        started = wait_status(controller, project, node, "started")
+
+        deadline = time.monotonic() + STATUS_TIMEOUT
+        while not started.get("aux") or "cdrom_image_md5sum" not in started["properties"]:
+            assert time.monotonic() < deadline, (started, compute.log()[-3000:])
+            time.sleep(0.2)  # the controller learns them from a notification: poll its API
+            started = controller.api("GET", path)
+        first = compute.images / "first.iso"
+        assert (
+            started["properties"]["cdrom_image_md5sum"]
+            == hashlib.md5(first.read_bytes()).hexdigest()
+        )
+
+        async def read_disc(port: int) -> str:
+            console = await TelnetConsole.connect(compute.host, port, name="cd")
+            try:
+                await wait_for_prompt(console)
+                _, out = await console.run(f"dmesg -n 1; load_on_demand 2>/dev/null; {READ_DISC}")
+                return out
+            finally:
+                await console.close()
+
+        assert asyncio.run(read_disc(started["console"])) == "EMU-DISC-FIRST"
+        swapped = {**started["properties"], "cdrom_image": "second.iso"}
+        controller.api("PUT", path, {"properties": swapped})
+        assert asyncio.run(read_disc(started["aux"])) == "EMU-DISC-SECOND"
+        with pytest.raises(ApiError) as refused:
+            controller.api("PUT", path, {"properties": {**swapped, "ram": 256}})
+        assert refused.value.status == 409
+        assert "ram" in refused.value.body["message"]
+
+        disk = path + "/qemu/disk_image/extra.qcow2"
+        controller.api("POST", disk, {"format": "qcow2", "size": 16})
+        image = Path(started["node_directory"]) / "extra.qcow2"
+        assert image.is_file()
+        with pytest.raises(ApiError) as running:
+            controller.api("PUT", disk, {"extend": 16})
+        assert running.value.status == 409
+        controller.api("POST", path + "/stop", {})
+        wait_status(controller, project, node, "stopped")
+        controller.api("PUT", disk, {"extend": 16})
+        assert qemu_img_info(image)["virtual-size"] == 32 << 20
+        controller.api("DELETE", disk)
+        assert not image.exists()
+    finally:
+        controller.api("DELETE", f"/projects/{project}")
+
+
 def test_sigterm_stops_every_node(lab_compute: tuple[Controller, EmuCompute, str]) -> None:
     controller, compute, compute_id = lab_compute
     project = controller.api("POST", "/projects", {"name": "emu-sigterm"})["project_id"]
@@ -347,3 +428,15 @@ def test_a_controller_that_comes_back_finds_the_nodes_as_it_left_them(tmp_path: 
             left = emulators_mentioning(str(compute.projects))
             compute.remove_projects()
             assert left == {}, compute.log()
+
+
+def qemu_img_info(path: Path) -> dict[str, Any]:
+    """``qemu-img info`` of ``path``, as JSON."""
+    done = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    info: dict[str, Any] = json.loads(done.stdout)
+    return info
