@@ -21,7 +21,9 @@ the console port    ``qemu.console``: sets     ``qemu.options`` (``%console-port
                     ``emu_prepare``
 the disks           ``qemu.disks``: sets        anyone who needs the disks of this start
                     :data:`DISKS` in            (saved state, checksums) through
-                    ``emu_prepare_disks``       :func:`prepared_disks`
+                    ``emu_prepare_disks``;      :func:`prepared_disks`, or where they are
+                    names linked clones as      when stopped (saved states) through
+                    :func:`overlay_path` says   :func:`hard_disk_files`
 the paused start    ``qemu.process``: calls     ``qemu.savestate`` (restores a saved state)
                     :func:`paused` between
                     QMP and ``cont``
@@ -37,7 +39,8 @@ from pathlib import Path
 
 import attrs
 
-from emu_qemu.properties import QemuProperties, QemuSettings
+from emu_qemu.images import resolve_image
+from emu_qemu.properties import DRIVES, QemuProperties, QemuSettings
 from emu_qemu.qemubinary import QemuBinary
 from emu_qemu.qmp import Monitor
 from emucore.errors import NodeError, NodeStateError
@@ -113,6 +116,25 @@ class PreparedDisk:
     path: Path
     format: str
     base: Path
+
+
+def overlay_path(node: QemuNode, drive: str) -> Path:
+    """Where the linked clone of ``hd<drive>`` lives (made by ``qemu.disks``)."""
+    return node.directory / f"hd{drive}_disk.qcow2"
+
+
+def hard_disk_files(node: QemuNode) -> dict[str, Path]:
+    """The files QEMU writes for the node's hard disks, by drive, as its properties say
+    now (the disks of a running node cannot change): the linked clones (one may not exist
+    yet), or the images themselves without ``linked_clone``.
+
+    :raises ImageError: an image the node names without linked clones cannot be used.
+    """
+    props = node.properties
+    drives = [drive for drive in DRIVES if props.disk_image(drive)]
+    if props.linked_clone:
+        return {drive: overlay_path(node, drive) for drive in drives}
+    return {d: resolve_image(node, f"hd{d}_disk_image", props.disk_image(d)) for d in drives}
 
 
 DISKS = StashKey[dict[str, PreparedDisk]]()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from emu_qemu import positions, qemuimg
 from emu_qemu.chain import check_image_chain, referenced_files
-from emu_qemu.contract import DISKS, PreparedDisk, QemuNode, binary, monitor_of
+from emu_qemu.contract import DISKS, PreparedDisk, QemuNode, binary, monitor_of, overlay_path
 from emu_qemu.images import resolve_image, sniff_format
 from emu_qemu.properties import DRIVES, QemuProperties
 from emu_qemu.qemuopts import opts
@@ -30,11 +30,6 @@ EMULATOR = "qemu"
 
 _X86 = ("x86_64", "i386")
 CDROM_ID = "cdrom0"
-
-
-def overlay_path(node: QemuNode, drive: str) -> Path:
-    """Where the linked clone of ``hd<drive>`` lives."""
-    return node.directory / f"hd{drive}_disk.qcow2"
 
 
 def _images(node: QemuNode) -> dict[str, Path]:

@@ -1,176 +1,112 @@
-"""Saved VM state (``on_close = "save_vm_state"``): a stop saves the running machine, and the
-next start resumes it where it was, instead of booting.
+"""Saved VM states: ``on_close = "save_vm_state"``, and states saved under a name.
 
-**Saving.** At a stop, before anything signals QEMU, the CPUs are paused (QMP ``stop``) and
-QEMU's ``snapshot-save`` job writes the machine's state (RAM and devices) into the first
-hard disk and snapshots every hard disk with it, under the tag :data:`TAG`, inside the
-qcow2 files (a linked clone's overlay, never a base image). A state saved earlier is
-deleted first: the job does not overwrite. Then QEMU is terminated as with ``power_off``.
+Both keep the running machine with the node (:mod:`emu_qemu.vmstate`: QEMU's snapshot
+jobs, every hard disk snapshotted inside a linked clone's overlay, never a base image);
+they differ in when, and in where the machine's RAM and devices go.
 
-**Restoring.** QEMU starts paused (``-S``). Before its CPUs run (``emu_qemu_paused``), the
-hard disks holding the tag are found with ``query-block``, and ``snapshot-load`` restores
-the machine: the guest goes on from where it stopped, its uptime growing. The state stays
-on the disks until the next save replaces it.
+**on_close.** A stop saves the machine under :data:`~emu_qemu.vmstate.ON_CLOSE_TAG`, into
+the first hard disk, before anything signals QEMU; the next start restores it in
+``emu_qemu_paused`` (QMP answers, the CPUs have not run), so the guest goes on where it
+stopped. A start with any other ``on_close`` discards such a state, so a guest never jumps
+back to an old state later.
 
-**Discarding.** A start with any other ``on_close`` deletes a saved state it finds
-(``snapshot-delete``), so a guest never jumps back to an old state later.
+**Named states** (the core's ``Node.save_state`` / ``Node.start(state=...)``, hence
+``emu run --save/--from``): ``emu_save_state`` pauses the CPUs, saves the machine into
+``states/<name>.qcow2`` and every hard disk under ``emu-state-<name>``, and lets the CPUs
+run again if they ran; ``states/<name>.json`` records what the node was (its properties and
+QEMU's version). ``emu_restore_state`` checks the state is there and that no disk changed
+since (QEMU could not tell a disk that changed under it); the restore happens in
+``emu_qemu_paused``. When QEMU refuses the state (a machine that differs: more RAM, another
+NIC), the error names the properties that changed since the save; a restore QEMU accepted
+despite changed properties is a ``warning`` event naming them (the guest runs as it was
+saved). A named restore leaves the on_close state alone.
 
-Each job is awaited on QMP's ``JOB_STATUS_CHANGE`` events, bounded by the host setting
-``savevm_timeout``, with an ``info`` event every few seconds while it runs; ``info``
-events say what was saved or restored, and how long it took. The jobs (QEMU ≥ 6.0)
-are used rather than HMP's ``savevm`` and ``-loadvm``: those want every writable drive to
-hold the snapshot, and the UEFI variable store is a raw flash drive that cannot, while the
-jobs take the list of drives.
+**The guest's clock.** QEMU's RTC follows the host's clock (``-rtc clock=host``, QEMU's
+default), so it is right after a restore; the guest's own clock goes on from the moment of
+the save (its uptime too), so it is behind by the time the state was kept, until the guest
+reads its RTC again (``hwclock -s``) or NTP steps it. See ``docs/lab-snapshots.md``.
 
-**Refused.** A node without a hard disk (nothing could hold the state), and a node without
-linked clones whose disk images are not all qcow2: a raw disk would keep its newer contents
-under a restored, older RAM.
+**Refused.** ``save_vm_state`` without a hard disk (nothing would hold the state); any
+saved state on a node without linked clones whose disk images are not all qcow2.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener
-
-from emu_qemu.contract import QemuNode, monitor_of, prepared_disks, qemu_pid
-from emu_qemu.images import resolve_image, sniff_format
-from emu_qemu.properties import DRIVES
+from emu_qemu import vmstate
+from emu_qemu.contract import QemuNode, binary, monitor_of, qemu_pid
 from emu_qemu.qmp import Monitor, QmpError
+from emu_qemu.vmstate import ON_CLOSE_TAG, tag_of
 from emucore import hookimpl
+from emucore.convert import default_converter
 from emucore.errors import ConfigError, NodeError
+from emucore.files import read_text, write_atomic
 from emucore.models import NodeStatus
+from emucore.records import SavedState
+from emucore.stash import StashKey
 
 EMULATOR = "qemu"
 
-TAG = "emu-saved-state"
+TAG = ON_CLOSE_TAG
 SAVE = "save_vm_state"
-PROGRESS_EVERY = 5.0
-JOB_WORDS = {
-    "snapshot-save": "saving the VM state",
-    "snapshot-load": "restoring the VM state",
-    "snapshot-delete": "discarding the VM state",
-}
+# Properties whose change QEMU cannot see in a state: the disks it was taken of.
+DISK_PROPERTIES = frozenset({"linked_clone"} | {f"hd{drive}_disk_image" for drive in "abcd"})
+
+
+class _Restoring:
+    """The named state this start restores (set by ``emu_restore_state``)."""
+
+    def __init__(self, name: str, changed: list[str]) -> None:
+        self.name = name
+        self.changed = changed
+
+
+RESTORING = StashKey[_Restoring]()
 
 
 @hookimpl(trylast=True)
 def emu_node_created(node: QemuNode) -> None:
     """Refuse ``save_vm_state`` where no qcow2 disk can hold the state."""
-    props = node.properties
-    if props.on_close != SAVE:
+    if node.properties.on_close != SAVE:
         return
-    drives = [drive for drive in DRIVES if props.disk_image(drive)]
-    problem = ""
-    if not drives:
-        problem = (
-            "save_vm_state needs a hard disk to hold the state (hda_disk_image..."
-            " hdd_disk_image); add one, even an empty qcow2 image, or use power_off"
-        )
-    elif not props.linked_clone:
-        images = {d: resolve_image(node, f"hd{d}_disk_image", props.disk_image(d)) for d in drives}
-        raw = [f"hd{d}_disk_image" for d, path in images.items() if sniff_format(path) != "qcow2"]
-        if raw:
-            problem = (
-                f"save_vm_state needs every hard disk in qcow2 (not {', '.join(raw)}): a disk"
-                " in another format cannot hold a snapshot; use linked_clone = true"
-                " (overlays are qcow2) or convert the image"
-            )
-    if problem:
-        raise ConfigError(f"node {node.name!r}", [f"$.on_close: {problem}"])
-
-
-def _hard_disks(node: QemuNode, blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The hard disks of this start as ``query-block`` shows them (matched by file)."""
-    files = {str(disk.path) for drive, disk in prepared_disks(node).items() if drive in DRIVES}
-    return [
-        block
-        for block in blocks
-        if (block.get("inserted") or {}).get("file") in files and not block["inserted"]["ro"]
-    ]
-
-
-def _has_tag(block: dict[str, Any]) -> bool:
-    snapshots = block["inserted"].get("image", {}).get("snapshots", [])
-    return any(snapshot.get("name") == TAG for snapshot in snapshots)
-
-
-def _node_names(disks: list[dict[str, Any]]) -> list[str]:
-    return [str(block["inserted"]["node-name"]) for block in disks]
-
-
-async def _concluded(listener: EventListener, job: str) -> None:
-    async for event in listener:
-        data = event.get("data", {})
-        if isinstance(data, dict) and data.get("id") == job and data.get("status") == "concluded":
-            return
-
-
-async def run_job(
-    node: QemuNode, monitor: Monitor, command: str, arguments: dict[str, Any]
-) -> None:
-    """Run a QMP job and wait until it concluded: bounded by ``savevm_timeout``, with an
-    ``info`` event every :data:`PROGRESS_EVERY` seconds while it runs.
-
-    :raises QmpError: the job failed or did not finish in time.
-    """
-    timeout = node.emulator_settings.savevm_timeout
-    job = f"emu-{command}"
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    listener = monitor.listener("JOB_STATUS_CHANGE")
-    waiting = asyncio.ensure_future(_concluded(listener, job))
-    try:
-        await monitor.execute(command, {"job-id": job, **arguments})
-        while True:
-            left = began + timeout - loop.time()
-            if left <= 0:
-                raise QmpError(f"{command} did not finish within {timeout:g} s")
-            done, _ = await asyncio.wait({waiting}, timeout=min(PROGRESS_EVERY, left))
-            if done:
-                break
-            node.emit("info", f"{JOB_WORDS[command]}: {loop.time() - began:.0f} s so far")
-        jobs = await monitor.execute("query-jobs")
-        error = next((j.get("error") for j in jobs if j.get("id") == job), None)
-        await monitor.execute("job-dismiss", {"id": job})
-        if error:
-            raise QmpError(f"{command} failed: {error}")
-    finally:
-        waiting.cancel()
-        monitor.client.remove_listener(listener)
+    problem = vmstate.on_close_problem(node)
+    if problem is not None:
+        raise ConfigError(f"node {node.name!r}", [f"$.on_close: save_vm_state {problem}"])
 
 
 @hookimpl(trylast=True)
 async def emu_qemu_paused(node: QemuNode) -> None:
-    """Before the guest runs: restore a saved state, or discard one (other ``on_close``)."""
+    """Before the guest runs: restore the named state asked for, else the on_close state,
+    or discard the latter (another ``on_close``)."""
     monitor = monitor_of(node)
-    disks = _hard_disks(node, await monitor.execute("query-block"))
-    tagged = [block for block in disks if _has_tag(block)]
+    disks = vmstate.hard_disks(node, await monitor.execute("query-block"))
+    restoring = node.stash.pop(RESTORING, None)
+    if restoring is not None:
+        await _restore_named(node, monitor, disks, restoring)
+        return
+    tagged = [block for block in disks if vmstate.has_tag(block, TAG)]
     if not tagged:
         return
     if node.properties.on_close != SAVE:
-        await run_job(
-            node, monitor, "snapshot-delete", {"tag": TAG, "devices": _node_names(tagged)}
-        )
+        await vmstate.delete(node, monitor, TAG, tagged, "the VM state")
         node.emit(
             "info", f"on_close is {node.properties.on_close}: the saved VM state was discarded"
         )
         return
     if len(tagged) != len(disks):
-        untagged = sorted(set(_node_names(disks)) - set(_node_names(tagged)))
+        untagged = sorted(set(vmstate.node_names(disks)) - set(vmstate.node_names(tagged)))
         raise NodeError(
             node.name,
             f"on_close: the saved VM state is not on every hard disk ({', '.join(untagged)} was"
             " added since?); set on_close to power_off once to discard it",
         )
     began = time.monotonic()
-    names = _node_names(disks)
     try:
-        await run_job(
-            node, monitor, "snapshot-load", {"tag": TAG, "vmstate": names[0], "devices": names}
-        )
+        await vmstate.load(node, monitor, TAG, disks, "the VM state")
     except QmpError as exc:
         raise NodeError(
             node.name,
@@ -178,6 +114,42 @@ async def emu_qemu_paused(node: QemuNode) -> None:
             " once to discard it and boot afresh",
         ) from None
     node.emit("info", f"saved VM state restored in {time.monotonic() - began:.1f} s")
+
+
+async def _restore_named(
+    node: QemuNode, monitor: Monitor, disks: list[dict[str, Any]], restoring: _Restoring
+) -> None:
+    name, tag = restoring.name, tag_of(restoring.name)
+    untagged = [block for block in disks if not vmstate.has_tag(block, tag)]
+    if untagged:
+        missing = ", ".join(vmstate.node_names(untagged))
+        raise NodeError(
+            node.name,
+            f"the saved state {name!r} is not on every hard disk ({missing}); save it again",
+        )
+    began = time.monotonic()
+    try:
+        await vmstate.load_named(node, monitor, name, disks)
+    except QmpError as exc:
+        why = _changed_text(restoring.changed) or "the node's properties did not change"
+        raise NodeError(
+            node.name,
+            f"the saved state {name!r} cannot be restored: QEMU refused it ({exc}); {why};"
+            " start the node without it, or save it again",
+        ) from None
+    node.emit("info", f"state {name!r} restored in {time.monotonic() - began:.2f} s")
+    if restoring.changed:
+        node.emit(
+            "warning",
+            f"the state {name!r} was restored, but {_changed_text(restoring.changed)}: the"
+            " guest runs as it was saved; save the state again to make it current",
+        )
+
+
+def _changed_text(changed: list[str]) -> str:
+    if not changed:
+        return ""
+    return f"changed since it was saved: {', '.join(changed)}"
 
 
 @hookimpl
@@ -199,25 +171,125 @@ async def emu_stop(node: QemuNode) -> None:
         return  # QEMU died on its own: its state is gone with it
     began = time.monotonic()
     try:
-        await _save(node, monitor)
+        where = await vmstate.save(node, monitor, TAG, "the VM state")
     except (QmpError, NodeError) as exc:
         node.emit("error", f"on_close: saving the VM state failed: {exc}")
         return
-    node.emit("info", f"VM state saved in {time.monotonic() - began:.1f} s")
+    took = time.monotonic() - began
+    node.emit("info", f"VM state saved in {took:.1f} s (into {Path(where).name})")
 
 
-async def _save(node: QemuNode, monitor: Monitor) -> None:
-    await monitor.execute("stop")
-    disks = _hard_disks(node, await monitor.execute("query-block"))
-    if not disks:
-        raise NodeError(node.name, "no writable hard disk to hold the state")
-    names = _node_names(disks)
-    tagged = [block for block in disks if _has_tag(block)]
-    if tagged:
-        await run_job(
-            node, monitor, "snapshot-delete", {"tag": TAG, "devices": _node_names(tagged)}
+# -- named states ---------------------------------------------------------------------------
+
+
+@hookimpl(trylast=True)
+async def emu_save_state(node: QemuNode, name: str) -> bool:
+    """Save the running machine into ``states/<name>.qcow2`` and its hard disks under
+    ``emu-state-<name>``; the CPUs run again afterwards if they ran before."""
+    problem = vmstate.disk_problem(node)
+    if problem is not None:
+        raise NodeError(node.name, f"cannot save the state {name!r}: the node {problem}")
+    monitor = monitor_of(node)
+    was_running = bool((await monitor.execute("query-status")).get("running"))
+    began = time.monotonic()
+    try:
+        path = await vmstate.save_named(node, monitor, name)
+    except QmpError as exc:
+        raise NodeError(node.name, f"saving the state {name!r} failed: {exc}") from None
+    finally:
+        if was_running:
+            await monitor.execute("cont")
+    _remember(node, name)
+    took = time.monotonic() - began
+    node.emit("info", f"state {name!r} saved in {took:.2f} s ({vmstate.STATES_DIR}/{path.name})")
+    return True
+
+
+@hookimpl(trylast=True)
+async def emu_restore_state(node: QemuNode, name: str) -> bool:
+    """Check the state is there and none of the disks changed since; the restore itself
+    happens in ``emu_qemu_paused``."""
+    saved = await vmstate.named_states(node)
+    if name not in saved:
+        have = ", ".join(sorted(saved)) or "none"
+        raise NodeError(node.name, f"no saved state {name!r} (saved states: {have}); save it first")
+    changed = _changed_since(node, name)
+    disks = [text for key, text in changed.items() if key in DISK_PROPERTIES]
+    if disks:
+        raise NodeError(
+            node.name,
+            f"the saved state {name!r} cannot be restored: {', '.join(disks)} changed since it"
+            " was saved, and the state holds the disks as they were; save it again",
         )
-    node.emit("info", f"saving the VM state into {Path(disks[0]['inserted']['file']).name}")
-    await run_job(
-        node, monitor, "snapshot-save", {"tag": TAG, "vmstate": names[0], "devices": names}
-    )
+    node.stash[RESTORING] = _Restoring(name, list(changed.values()))
+    return True
+
+
+@hookimpl(trylast=True)
+async def emu_list_states(node: QemuNode) -> list[SavedState]:
+    """The states in ``states/`` (``qemu-img info`` of each state file)."""
+    states = []
+    for name, snapshot in (await vmstate.named_states(node)).items():
+        saved = float(snapshot.get("date-sec", 0)) + float(snapshot.get("date-nsec", 0)) / 1e9
+        size = int(snapshot.get("vm-state-size", 0))
+        where = f"{vmstate.STATES_DIR}/{vmstate.state_file(node, name).name}"
+        states.append(SavedState(name, size, saved, where))
+    return states
+
+
+@hookimpl(trylast=True)
+async def emu_delete_state(node: QemuNode, name: str) -> bool:
+    """Delete the state file and the disks' snapshots of the stopped node (``qemu-img
+    snapshot -d``: the clusters only they held go back to the file system)."""
+    gone = await vmstate.delete_named(node, name)
+    if not gone:
+        have = ", ".join(sorted(await vmstate.named_states(node))) or "none"
+        raise NodeError(node.name, f"no saved state {name!r} (saved states: {have})")
+    _record_path(node, name).unlink(missing_ok=True)
+    node.emit("info", f"state {name!r} deleted ({', '.join(gone)})")
+    return True
+
+
+def _record_path(node: QemuNode, name: str) -> Path:
+    return vmstate.state_file(node, name).with_suffix(".json")
+
+
+def _record(node: QemuNode, name: str) -> dict[str, Any]:
+    """What the node was when ``name`` was saved ({} when missing or damaged)."""
+    try:
+        data = json.loads(read_text(_record_path(node, name)))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember(node: QemuNode, name: str) -> None:
+    record = {
+        "saved": time.time(),
+        "qemu": binary(node).version_text,
+        "properties": default_converter().unstructure(node.properties),
+    }
+    write_atomic(_record_path(node, name), json.dumps(record, indent=1))
+
+
+def _changed_since(node: QemuNode, name: str) -> dict[str, str]:
+    """What differs from the save, by property: ``ram (128 → 160)``."""
+    record = _record(node, name)
+    if not isinstance(record.get("properties"), dict):
+        return {}
+    then: dict[str, Any] = record["properties"]
+    now = default_converter().unstructure(node.properties)
+    changed = {
+        key: f"{key} ({_short(then[key])} → {_short(value)})"
+        for key, value in now.items()
+        if key in then and then[key] != value
+    }
+    version = binary(node).version_text
+    if record.get("qemu") not in (None, version):
+        changed["qemu"] = f"the QEMU version ({record['qemu']} → {version})"
+    return changed
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -54,17 +54,22 @@ async def open_guest_console(node: Node, timeout: float = 90.0) -> TelnetConsole
 
 
 async def wait_for_prompt(console: TelnetConsole, timeout: float = 90.0) -> None:
-    """Wait for the boot marker or a shell prompt, pressing Enter once a second meanwhile."""
+    """Wait for the boot marker or a shell prompt, pressing Enter meanwhile: at once (a
+    guest resumed from a saved state printed its prompt long ago), after 0.2 s, then once a
+    second (a booting guest would only pile the Enters up)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    wait = 0.2
+    await console.sendline()
     while True:
         try:
-            await console.expect(f"{READY_MARKER}|{PROMPT}", timeout=1.0)
+            await console.expect(f"{READY_MARKER}|{PROMPT}", timeout=wait)
             break
         except ConsoleError:
             if loop.time() >= deadline:
                 raise
             await console.sendline()
+            wait = 1.0
     # No echo: output comes back clean, and busybox ash stops querying the cursor position
     # and wrapping long command lines. The marker skips the prompts our Enters produced.
     marker = f"EMU{secrets.token_hex(4)}"

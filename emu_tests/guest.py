@@ -72,7 +72,16 @@ ON_DEMAND_MODULES = (
 
 # Under TCG every printk on the serial line and every crypto self-test (~0.3 s) costs boot
 # time; a throwaway test guest needs neither, nor CPU vulnerability mitigations.
-BOOT_PARAMETERS = ("console=ttyS0", "quiet", "cryptomgr.notests", "mitigations=off")
+# init_on_free: freed pages are zeroed, and QEMU saves a zero page as a flag, so a saved
+# state of a 128 MiB guest is 54 MiB instead of 91 (restored in 0.1 s instead of 0.2);
+# the boot takes no longer.
+BOOT_PARAMETERS = (
+    "console=ttyS0",
+    "quiet",
+    "cryptomgr.notests",
+    "mitigations=off",
+    "init_on_free=1",
+)
 
 QUERY_TIMEOUT = 60.0
 DOWNLOAD_TIMEOUT = 600.0

@@ -13,6 +13,10 @@ parameters the guest's init reads:
 
 Its checks reach the shell through :func:`emu_tests.console.open_guest_console`, which waits
 for the boot marker or a prompt and turns the terminal's echo off.
+
+**Saved states.** After a restore (``emu run --from``) the guest's clock is behind by the
+time the state was kept: ``after_restore`` sets it from the RTC, which QEMU keeps on the
+host's time (``hwclock -s -u`` on the shell).
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from emu_tests.console import open_guest_console
-from emu_tests.guest import build_tiny_guest
+from emu_tests.guest import TinyGuest, build_tiny_guest, default_cache_dir
 from emucore import hookimpl
 from emucore.errors import ConfigError
 from emucore.models import HostSettings
+from emucore.node import Node
 from emucore.records import LabImage
 
 IMAGE = "tiny"
@@ -45,7 +51,7 @@ def emu_lab_image(
     problems = check_addresses(table)
     if problems:
         raise ConfigError("", problems)
-    guest = build_tiny_guest()
+    guest = tiny_guest()
     try:
         command_line = guest.kernel_command_line(
             ip=table.get("ip"),
@@ -70,7 +76,34 @@ def emu_lab_image(
         # Its kernel is a fine one for QEMU's KVM probe (it must reach a panic under KVM).
         emulator_settings={"qemu": {"kvm_probe_kernel": str(guest.kernel)}},
         open_shell=open_guest_console,
+        after_restore=set_clock_from_rtc,
     )
+
+
+# The guest found for each cache directory: a lab of many tiny nodes looks once (checking
+# that nothing changed walks the kernel's modules: 20 ms a node).
+_FOUND: dict[Path, TinyGuest] = {}
+
+
+def tiny_guest() -> TinyGuest:
+    """The tiny guest, built or checked once per process and cache directory (again if its
+    files went away meanwhile)."""
+    cache = default_cache_dir()
+    guest = _FOUND.get(cache)
+    if guest is None or not (guest.kernel.is_file() and guest.initrd.is_file()):
+        guest = _FOUND[cache] = build_tiny_guest(cache)
+    return guest
+
+
+async def set_clock_from_rtc(node: Node) -> None:
+    """Set a resumed guest's clock from its RTC (QEMU keeps the RTC on the host's time)."""
+    console = await open_guest_console(node)
+    try:
+        status, output = await console.run("hwclock -s -u")
+    finally:
+        await console.close()
+    if status != 0:
+        node.emit("warning", f"the guest's clock was not set from its RTC: {output[-200:]}")
 
 
 def check_addresses(table: Mapping[str, Any]) -> list[str]:

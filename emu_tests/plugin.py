@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
     from emu_tests.guest import TinyGuest
     from emu_tests.lab import LabHelper
+    from emu_tests.warm import SavedLab
     from emucore.models import HostSettings, Project
     from emucore.node import Node
+    from emucore.runner import LabRunner
     from emucore.session import Session
     from emucore.telnet import TelnetConsole
 
@@ -221,3 +223,53 @@ def guest_console(emu_run: Runner) -> Iterator[Callable[[Node], Awaitable[Telnet
 
     with console_factory(emu_run, open_guest_console) as connect:
         yield connect
+
+
+@pytest.fixture(scope="session")
+def saved_lab(
+    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., SavedLab]]:
+    """Factory, once per test session: ``saved = saved_lab("labs/ospf.toml", check=True)``
+    boots the lab (a path relative to pytest's root directory), runs its checks with
+    ``check`` (each must pass), waits for its nodes' shells and saves it as a snapshot;
+    asked again for the same file, it gives the same snapshot. Pass it to ``warm_lab``.
+    The snapshots are deleted when the session ends.
+    """
+    from emu_tests.warm import SavedLabs
+    from emucore.models import HostSettings
+
+    kvm = str(pytestconfig.getoption("emu_kvm"))
+    labs = SavedLabs(
+        tmp_path_factory.mktemp("saved-labs"), HostSettings(emulators={"qemu": {"kvm": kvm}})
+    )
+
+    def save(lab_file: str | Path, check: bool = False) -> SavedLab:
+        path = Path(lab_file)
+        return labs.get(path if path.is_absolute() else pytestconfig.rootpath / path, check)
+
+    try:
+        yield save
+    finally:
+        labs.remove()
+
+
+@pytest.fixture
+def warm_lab(emu_run: Runner) -> Iterator[Callable[[SavedLab], Awaitable[LabRunner]]]:
+    """Factory: ``lab = await warm_lab(saved)`` starts the lab ``saved_lab`` saved, from its
+    snapshot: every guest goes on where it was saved, without a boot. ``lab`` is a
+    :class:`~emucore.runner.LabRunner` (``lab.session.node("r1")``, ``lab.check(...)``);
+    it is stopped at teardown, even when the test fails.
+    """
+    runners: list[LabRunner] = []
+
+    async def start(saved: SavedLab) -> LabRunner:
+        runner = saved.runner()
+        runners.append(runner)
+        await runner.start()
+        return runner
+
+    try:
+        yield start
+    finally:
+        for runner in runners:
+            emu_run(runner.stop())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from emucore.progress import Progress
 from emucore.records import CheckResult
 from emucore.runner import STATE_NAME, LabLock, LabRunner, project_dir_for
 from emucore.session import Session
+from emucore.snapshots import checked_name
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SIGNAL_EXIT = 128  # a run ended by signal N exits 128 + N, as a shell reports it
@@ -150,14 +152,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     for check in checks:
         if check.node not in lab.nodes:
             raise ConfigError("--exec", [f"no node named {check.node!r} in {lab_file}"])
+    if args.save is not None:
+        checked_name(args.save, "--save")
+        if args.clean:
+            raise ConfigError(
+                "--clean", ["deletes the nodes' files, and the state --save keeps there with them"]
+            )
+    if args.from_state is not None:
+        checked_name(args.from_state, "--from")
     settings = load_settings(args.settings)
     if not args.verbose:  # the progress display shows the events; the log would repeat them
         logging.getLogger("emu").setLevel(logging.CRITICAL)
     plugins = make_plugin_manager(blocked=settings.blocked_plugins)
     # A plugin may run the lab elsewhere (emu_lab_runner), driven here as a local run is.
     taken = plugins.hook.emu_lab_runner(lab=lab, lab_file=lab_file, settings=settings, options=args)
+    if taken is not None and (args.save is not None or args.from_state is not None):
+        option = "--save" if args.save is not None else "--from"
+        raise ConfigError(
+            option,
+            [
+                "lab snapshots are kept by the nodes on this host: they work for local runs"
+                " only, not for a lab run elsewhere (leave out the options that send it there)"
+            ],
+        )
     runner: LabRunner = taken or LabRunner(
-        lab, lab_file, settings=settings, project_dir=args.project_dir, jobs=args.jobs
+        lab,
+        lab_file,
+        settings=settings,
+        project_dir=args.project_dir,
+        jobs=args.jobs,
+        from_state=args.from_state,
     )
     return asyncio.run(_run_lab(runner, checks, args))
 
@@ -212,12 +236,17 @@ async def _run_lab(runner: LabRunner, checks: list[CheckSpec], args: argparse.Na
             state = runner.state()  # again: the captures now hold the checks' traffic
             state["checks"] = [o.as_dict() for o in outcomes]
             code = EXIT_OK if all(o.passed for o in outcomes) else EXIT_FAILED
+        if args.save is not None:
+            state["saved"] = await _save_lab(runner, args.save, code, checking, progress, doing)
         if args.json:
             print(json.dumps(state, indent=1), flush=True)
         else:
             print_nodes(state)
             print_checks(state.get("checks", []))
-        if not checking:
+            print_saved(state.get("saved"), args.save)
+        if args.save is not None and state["saved"] is None:
+            code = EXIT_FAILED
+        if not checking and args.save is None:
             doing[0] = "running the lab"
             if not args.json:
                 print("Running. Ctrl-C stops the lab.", file=sys.stderr, flush=True)
@@ -241,6 +270,106 @@ async def _run_lab(runner: LabRunner, checks: list[CheckSpec], args: argparse.Na
         for number in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(number)
     return code
+
+
+async def _save_lab(
+    runner: LabRunner, name: str, code: int, checked: bool, progress: Progress, doing: list[str]
+) -> dict[str, Any] | None:
+    """``--save``: once the checks passed (or the shells answer), the lab's snapshot."""
+    if code != EXIT_OK:
+        progress.note("lab", f"not saved as {name!r}: a check failed")
+        return None
+    if not checked:
+        doing[0] = "waiting for the nodes' shells before saving"
+        progress.note("lab", "waiting for the nodes' shells")
+        await runner.shells_ready()
+    doing[0] = f"saving the lab as {name!r}"
+    progress.note("lab", f"saving as {name!r}")
+    fresh = await runner.save(name)
+    saved = sorted(set(runner.session.nodes if runner.session else ()) - set(fresh))
+    return {"name": name, "nodes": saved, "started_afresh": fresh}
+
+
+def print_saved(saved: dict[str, Any] | None, name: str | None) -> None:
+    """What ``--save`` saved, or that it did not."""
+    if name is None:
+        return
+    if saved is None:
+        print(f"lab not saved as {name!r}: a check failed")
+    else:
+        print(f"saved as {name!r}: {', '.join(saved['nodes']) or 'no node'}")
+        if saved["started_afresh"]:
+            fresh = ", ".join(saved["started_afresh"])
+            print(f"not saved (their emulator cannot; --from starts them afresh): {fresh}")
+    sys.stdout.flush()
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    """List a lab's snapshots (``emu run --save``), or delete one."""
+    lab_file = Path(args.lab_file)
+    lab = load_lab(read_data(lab_file), str(lab_file))
+    if args.delete is not None:
+        checked_name(args.delete, "--delete")
+    settings = load_settings(args.settings)
+    logging.getLogger("emu").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
+    runner = LabRunner(lab, lab_file, settings=settings, project_dir=args.project_dir)
+    return asyncio.run(_snapshots(runner, args))
+
+
+async def _snapshots(runner: LabRunner, args: argparse.Namespace) -> int:
+    lock: LabLock | None = None
+    try:
+        runner.build()
+        if args.delete is not None:
+            runner.make_project_dir()
+            lock = LabLock(runner.project_dir)
+            lock.acquire()  # a running lab holds its states open
+            freed = await runner.delete_snapshot(args.delete)
+            if args.json:
+                print(json.dumps({"deleted": args.delete, "freed": freed}, indent=1))
+            else:
+                print(f"deleted {args.delete!r}: {_size(freed)} freed")
+            return EXIT_OK
+        found, stateless = await runner.snapshots()
+    finally:
+        await runner.stop()
+        if lock is not None:
+            lock.release()
+    rows: list[dict[str, Any]] = [
+        {
+            "name": snapshot.name,
+            "size": snapshot.size,
+            "saved": _when(snapshot.saved),
+            "nodes": sorted(snapshot.states),
+            "missing": list(snapshot.missing),
+        }
+        for snapshot in found
+    ]
+    if args.json:
+        print(json.dumps({"snapshots": rows, "not_saving": stateless}, indent=1))
+        return EXIT_OK
+    table = [("SNAPSHOT", "SIZE", "SAVED", "NODES")]
+    for row in rows:
+        nodes = ", ".join(row["nodes"])
+        if row["missing"]:
+            nodes += f" (missing: {', '.join(row['missing'])})"
+        table.append((row["name"], _size(row["size"]), row["saved"], nodes))
+    widths = [max(len(line[i]) for line in table) for i in range(4)]
+    for line in table:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    if stateless:
+        print(
+            f"not saved (their emulator cannot; --from starts them afresh): {', '.join(stateless)}"
+        )
+    return EXIT_OK
+
+
+def _size(count: int) -> str:
+    return f"{count / (1 << 20):.1f} MiB"
+
+
+def _when(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
 
 
 def print_nodes(state: dict[str, Any]) -> None:
@@ -379,7 +508,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--clean", action="store_true", help="delete the nodes' files at the end")
     run.add_argument("--settings", type=Path, help="host settings file (TOML or JSON)")
     run.add_argument("--project-dir", type=Path, help="where node files go (default .emu/NAME)")
+    run.add_argument(
+        "--save",
+        metavar="NAME",
+        help="once started (and checked, with --check), save every node's state as NAME; stop",
+    )
+    run.add_argument(
+        "--from",
+        dest="from_state",
+        metavar="NAME",
+        help="resume every node from the snapshot NAME (emu run --save) instead of booting",
+    )
     run.set_defaults(func=cmd_run)
+
+    snaps = sub.add_parser(
+        "snapshots", help="list a lab's snapshots (emu run --save), or delete one"
+    )
+    snaps.add_argument("lab_file", help="the lab, TOML")
+    snaps.add_argument(
+        "--delete", metavar="NAME", help="delete the snapshot NAME, freeing its space"
+    )
+    snaps.add_argument("--json", action="store_true", help="machine-readable output")
+    snaps.add_argument("--settings", type=Path, help="host settings file (TOML or JSON)")
+    snaps.add_argument("--project-dir", type=Path, help="as given to emu run")
+    snaps.set_defaults(func=cmd_snapshots)
 
     console = sub.add_parser("console", help="attach to a node's console in a running lab")
     console.add_argument("lab_file", help="the lab, TOML")

@@ -47,6 +47,11 @@ class CaptureUnsupportedError(NodeError):
     """No plugin of the node's emulator captures on that adapter (hosts fall back to a relay)."""
 
 
+class StateUnsupportedError(NodeError):
+    """No plugin of the node's emulator saves or restores running states (``emu_save_state``,
+    ``emu_restore_state``, ``emu_list_states``): hosts start such a node afresh instead."""
+
+
 class ImageError(NodeError):
     """A disk or kernel image is missing, unreadable, corrupt or not allowed."""
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
-from emucore.records import ArgFragment
+from emucore.records import ArgFragment, SavedState
 
 if TYPE_CHECKING:
     from emucore.models import Nio
@@ -249,4 +249,27 @@ class NodeHooks:
     async def delete_disk_image(self, node: Node, name: str) -> bool:
         """Call ``emu_delete_disk_image``; whether an implementation deleted the image."""
         results = await self._each("emu_delete_disk_image", _taken, node=node, name=name)
+        return any(result is True for result in results)
+
+    async def save_state(self, node: Node, name: str) -> bool:
+        """Call ``emu_save_state``; whether an implementation saved the state."""
+        results = await self._each("emu_save_state", _taken, node=node, name=name)
+        return any(result is True for result in results)
+
+    async def restore_state(self, node: Node, name: str) -> bool:
+        """Call ``emu_restore_state``; whether an implementation restores the state."""
+        results = await self._each("emu_restore_state", _taken, node=node, name=name)
+        return any(result is True for result in results)
+
+    async def list_states(self, node: Node) -> list[SavedState] | None:
+        """Call ``emu_list_states``: the states, or ``None`` when no implementation answered
+        (no plugin of this emulator handles states)."""
+        answers = await self._each("emu_list_states", node=node)
+        if not answers:
+            return None
+        return [state for states in answers for state in states]
+
+    async def delete_state(self, node: Node, name: str) -> bool:
+        """Call ``emu_delete_state``; whether an implementation deleted the state."""
+        results = await self._each("emu_delete_state", _taken, node=node, name=name)
         return any(result is True for result in results)

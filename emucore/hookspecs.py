@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from emucore.lab import LabSpec
     from emucore.models import HostSettings, Nio
     from emucore.node import Node
-    from emucore.records import ArgFragment, CheckResult, EmulatorInfo, LabImage
+    from emucore.records import ArgFragment, CheckResult, EmulatorInfo, LabImage, SavedState
     from emucore.runner import LabRunner
 
 
@@ -480,6 +480,84 @@ def emu_delete_disk_image(node: Node, name: str) -> bool | Awaitable[bool] | Non
     :param name: the file name inside ``node.directory`` (a plain name, checked).
     :return: ``True`` when this implementation deleted it (the later ones are not called
         then); when none does, the core refuses the request.
+
+    Results are collected up to the first ``True``; the core awaits each. May be async.
+    """
+
+
+@may_be_async
+@hookspec
+def emu_save_state(node: Node, name: str) -> bool | Awaitable[bool] | None:
+    """Save the running node's whole state (machine and disks) under ``name``.
+
+    A later start may resume from it (``emu_restore_state``) instead of booting. A state of
+    the same name is replaced. The node is left as it was found: running, or suspended
+    (a host saving several nodes at one moment suspends them all first). Never write a base
+    image: the state goes into the node's own files (its directory, its linked clones).
+
+    :param node: the node (status ``started`` or ``suspended``).
+    :param name: the state's name, checked by the core (1-64 letters, digits, ``_ . -``,
+        starting with a letter or digit: never a path).
+    :return: ``True`` when this implementation saved the state (the later ones are not
+        called then); when none does, the core raises
+        :class:`~emucore.errors.StateUnsupportedError` (the emulator cannot save states).
+    :raises EmuError: the node cannot hold a state (say why and what to do), or saving
+        failed.
+
+    Results are collected up to the first ``True``; the core awaits each. May be async.
+    """
+
+
+@may_be_async
+@hookspec
+def emu_restore_state(node: Node, name: str) -> bool | Awaitable[bool] | None:
+    """Make this start resume from the state saved under ``name`` instead of booting.
+
+    Called by ``Node.start(state=name)`` after ``emu_prepare`` and before
+    ``emu_prepare_disks``: check the state exists and fits the node before anything
+    touches its disks, and arrange for the emulator to load it before the guest runs (in
+    the command line, or while its CPUs are paused in ``emu_start``). The guest then goes
+    on where it was saved: its uptime, its memory, its disks as they were; its network
+    adapters are connected as the node's adapters are now (links are the host's).
+
+    :param node: the node (status ``starting``).
+    :param name: the state's name (checked by the core).
+    :return: ``True`` when this implementation restores it (the later ones are not called
+        then); when none does, the start fails with
+        :class:`~emucore.errors.StateUnsupportedError`.
+    :raises EmuError: there is no such state, or it does not fit the node (name the
+        property that changed since it was saved).
+
+    Results are collected up to the first ``True``; the core awaits each. May be async.
+    """
+
+
+@may_be_async
+@hookspec
+def emu_list_states(node: Node) -> Sequence[SavedState] | Awaitable[Sequence[SavedState]] | None:
+    """List the states saved for this node (``emu_save_state``).
+
+    :param node: the node, in any status.
+    :return: the states (an empty list when this plugin handles states but none is saved),
+        or ``None`` when this plugin handles no states for the node. When every
+        implementation returns ``None`` the core raises
+        :class:`~emucore.errors.StateUnsupportedError`.
+
+    Results of all implementations are collected and concatenated. May be async.
+    """
+
+
+@may_be_async
+@hookspec
+def emu_delete_state(node: Node, name: str) -> bool | Awaitable[bool] | None:
+    """Delete the state saved under ``name`` and free the space it took.
+
+    :param node: the node (status ``stopped``: the core refuses a running node).
+    :param name: the state's name (checked by the core).
+    :return: ``True`` when this implementation deleted it (the later ones are not called
+        then); when none does, the core raises
+        :class:`~emucore.errors.StateUnsupportedError`.
+    :raises EmuError: there is no state of that name (list the ones there are).
 
     Results are collected up to the first ``True``; the core awaits each. May be async.
     """

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Generic, cast
@@ -22,7 +23,13 @@ import attrs
 from typing_extensions import TypeVar
 
 from emucore.claims import Claims
-from emucore.errors import CaptureUnsupportedError, EmuError, NodeError, NodeStateError
+from emucore.errors import (
+    CaptureUnsupportedError,
+    EmuError,
+    NodeError,
+    NodeStateError,
+    StateUnsupportedError,
+)
 from emucore.events import EventBus
 from emucore.files import prepare_for_child, private_dir
 from emucore.hooks import NodeHooks
@@ -37,6 +44,7 @@ from emucore.models import (
     Project,
 )
 from emucore.ports import PortAllocator
+from emucore.records import SavedState
 from emucore.stash import Stash
 
 log = logging.getLogger("emu")
@@ -168,10 +176,27 @@ class Node(Generic[P, S]):
             await self._guard("prepare", self.hooks.prepare(self))
             return self.hooks.build_args(self)
 
-    async def start(self) -> None:
-        """Start the node; a suspended node is resumed, a started one left alone."""
+    async def start(self, *, state: str | None = None) -> None:
+        """Start the node; a suspended node is resumed, a started one left alone.
+
+        :param state: resume from the state saved under this name (:meth:`save_state`)
+            instead of booting: the plugins check and arrange it in ``emu_restore_state``,
+            after ``emu_prepare`` and before the disks are touched
+            (``emu_prepare_disks``). Only a stopped node can.
+        :raises StateUnsupportedError: ``state`` was given and no plugin of the node's
+            emulator restores states (the node stays stopped).
+        :raises NodeStateError: ``state`` was given and the node runs.
+        """
+        if state is not None:
+            state = state_name(self.name, state)
         async with self._lock:
             self._refuse_if_closed("start")
+            if state is not None and self.status is not NodeStatus.STOPPED:
+                raise NodeStateError(
+                    self.name,
+                    f"cannot resume from the saved state {state!r}: the node is"
+                    f" {self.status.value}; stop it first",
+                )
             if self.status is NodeStatus.SUSPENDED:
                 await self._resume()
                 return
@@ -181,6 +206,10 @@ class Node(Generic[P, S]):
             try:
                 self.make_directory()
                 await self.hooks.prepare(self)
+                if state is not None and not await self.hooks.restore_state(self, state):
+                    raise StateUnsupportedError(
+                        self.name, f"no plugin of {self.emulator!r} restores saved states"
+                    )
                 await self.hooks.prepare_disks(self)
                 self.argv = self.hooks.build_args(self)
                 await self.hooks.start(self, self.argv)
@@ -378,6 +407,54 @@ class Node(Generic[P, S]):
         (a start may hold the node's lock for a while)."""
         return await self._guard("info", self.hooks.node_info(self))  # type: ignore[no-any-return]
 
+    # -- saved states ----------------------------------------------------------------------
+
+    async def save_state(self, name: str) -> None:
+        """Save the running node's whole state (machine and disks) under ``name``, for a
+        later :meth:`start` with ``state=name``; a state of that name is replaced. The node
+        stays as it was (running or suspended).
+
+        :raises NodeError: ``name`` is not a state name (1-64 letters, digits, ``_ . -``).
+        :raises NodeStateError: the node is not running.
+        :raises StateUnsupportedError: no plugin of the node's emulator saves states.
+        """
+        checked = state_name(self.name, name)
+        async with self._lock:
+            self._require_running(f"save the state {checked!r}")
+            if not await self._guard("save state", self.hooks.save_state(self, checked)):
+                raise StateUnsupportedError(
+                    self.name, f"no plugin of {self.emulator!r} saves running states"
+                )
+
+    async def states(self) -> list[SavedState]:
+        """The states saved for this node (``emu_list_states``), by name.
+
+        :raises StateUnsupportedError: no plugin of the node's emulator handles states.
+        """
+        async with self._lock:
+            found = await self._guard("list states", self.hooks.list_states(self))
+        if found is None:
+            raise StateUnsupportedError(
+                self.name, f"no plugin of {self.emulator!r} saves running states"
+            )
+        return sorted(found, key=lambda state: state.name)
+
+    async def delete_state(self, name: str) -> None:
+        """Delete the state saved under ``name``, freeing its space.
+
+        :raises NodeStateError: the node runs.
+        :raises NodeError: a bad name, or no such state.
+        :raises StateUnsupportedError: no plugin of the node's emulator handles states.
+        """
+        checked = state_name(self.name, name)
+        async with self._lock:
+            self._refuse_if_closed("delete a saved state")
+            self._require(NodeStatus.STOPPED, f"delete the saved state {checked!r}")
+            if not await self._guard("delete state", self.hooks.delete_state(self, checked)):
+                raise StateUnsupportedError(
+                    self.name, f"no plugin of {self.emulator!r} saves running states"
+                )
+
     # -- network ---------------------------------------------------------------------------
 
     async def attach_nio(self, adapter: int, nio: Nio) -> None:
@@ -571,3 +648,30 @@ def disk_image_name(node: str, name: Any) -> str:
     if name.startswith("."):
         raise NodeError(node, f"disk image name {name!r}: must not start with a dot")
     return name
+
+
+# A state name is also part of file contents and snapshot tags, never a path.
+STATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
+def state_name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot name a saved state, or ``None`` when it can: 1-64 letters,
+    digits, ``_``, ``.`` or ``-``, starting with a letter or digit (no path, no space)."""
+    if isinstance(name, str) and STATE_NAME.fullmatch(name):
+        return None
+    shown = repr(name[:70]) if isinstance(name, str) else repr(name)
+    return (
+        f"{shown} is not a state name: 1-64 letters, digits, '_', '.' or '-', starting with"
+        " a letter or digit"
+    )
+
+
+def state_name(node: str, name: Any) -> str:
+    """``name`` if it can name a saved state (see :func:`state_name_problem`).
+
+    :raises NodeError: naming what is wrong.
+    """
+    problem = state_name_problem(name)
+    if problem is not None:
+        raise NodeError(node, f"saved state: {problem}")
+    return str(name)

@@ -86,9 +86,30 @@ class LabImage:
     :ivar open_shell: how a check reaches a shell prompt on the node's console, for images
         whose shell needs more than pressing Enter (``None``: the runner presses Enter and
         waits for a prompt).
+    :ivar after_restore: what a node resumed from a saved state needs before it is used
+        (the tiny guest sets its clock from its RTC); the runner awaits it once every node
+        started (``None``: nothing).
     """
 
     description: Mapping[str, Any]
     image_dirs: tuple[Path, ...] = ()
     emulator_settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     open_shell: Callable[[Node], Awaitable[TelnetConsole]] | None = None
+    after_restore: Callable[[Node], Awaitable[None]] | None = None
+
+
+@attrs.frozen
+class SavedState:
+    """A running state of a node saved under a name, returned by ``emu_list_states``.
+
+    :ivar name: the name it was saved under (``Node.save_state``).
+    :ivar size: bytes the saved machine state takes (RAM, devices); disk blocks the state
+        keeps are shared with the live disk and not counted.
+    :ivar saved: when it was saved, seconds since the epoch.
+    :ivar where: where it lives, for people (a file name in the node directory).
+    """
+
+    name: str
+    size: int
+    saved: float
+    where: str = ""

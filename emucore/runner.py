@@ -18,6 +18,7 @@ from typing import IO, Any
 import attrs
 import pluggy
 
+from emucore import snapshots as lab_snapshots
 from emucore.errors import ConfigError, EmuError
 from emucore.files import (
     UnsafePathError,
@@ -134,6 +135,10 @@ class LabRunner:
 
     :ivar session: the session holding the lab's nodes.
     :ivar links: the links, in file order.
+    :ivar from_state: the snapshot :meth:`start` resumes the nodes from (``None``: boot).
+    :ivar restored: the nodes the last :meth:`start` resumed from ``from_state``.
+    :ivar started_afresh: the nodes it started afresh although ``from_state`` was given
+        (their emulator saves no state: VPCS).
     :ivar started_ok: every node started and every capture runs.
     """
 
@@ -145,8 +150,10 @@ class LabRunner:
         settings: HostSettings | None = None,
         project_dir: Path | None = None,
         jobs: int | None = None,
+        from_state: str | None = None,
     ) -> None:
         self.lab = lab
+        self.from_state = from_state
         self.lab_file = lab_file
         self._chosen_dir = project_dir
         self.project_dir = project_dir or project_dir_for(lab_file, lab)
@@ -156,6 +163,10 @@ class LabRunner:
         self.links: list[Link] = []
         # Nodes whose image says how to reach their shell (see LabImage.open_shell).
         self._shells: dict[str, Callable[[Node], Awaitable[TelnetConsole]]] = {}
+        # Nodes whose image says what a restored node needs (LabImage.after_restore).
+        self._after_restore: dict[str, Callable[[Node], Awaitable[None]]] = {}
+        self.restored: list[str] = []
+        self.started_afresh: list[str] = []
         self.started_ok = False
 
     # -- building ---------------------------------------------------------------------------
@@ -234,6 +245,8 @@ class LabRunner:
                 suggested.setdefault(kind, {}).update(values)
             if found.open_shell is not None:
                 self._shells[name] = found.open_shell
+            if found.after_restore is not None:
+                self._after_restore[name] = found.after_restore
         emulators = {kind: dict(values) for kind, values in suggested.items()}
         for kind, values in settings.emulators.items():  # the host's own settings win
             emulators[kind] = {**emulators.get(kind, {}), **values}
@@ -245,9 +258,19 @@ class LabRunner:
         """Wire the links, then start every node (at most ``jobs`` at once), then captures.
 
         Links are made while the nodes are stopped, so every emulator starts already
-        connected. Any failure stops what was started before it is raised.
+        connected. With ``from_state``, every node that can resumes from that snapshot
+        (checked for all before any starts), the others start afresh with an ``info``
+        event saying so, and the images' ``after_restore`` run (the tiny guest's clock).
+        Any failure stops what was started before it is raised.
+
+        :raises ConfigError: a node that can save states has no state called ``from_state``.
         """
         session = self.session or self.build()
+        resuming: list[str] = []
+        if self.from_state is not None:
+            resuming, self.started_afresh = await lab_snapshots.restore_plan(
+                session, self.from_state, str(self.lab_file)
+            )
         for spec in self.lab.links:
             (a, a_adapter), (b, b_adapter) = spec.parsed()
             self.links.append(await session.link(a, a_adapter, b, b_adapter, spec.filters))
@@ -255,14 +278,22 @@ class LabRunner:
 
         async def start_one(node: Node) -> None:
             async with limit:
-                await node.start()
+                await node.start(state=self.from_state if node.name in resuming else None)
 
-        results = await asyncio.gather(
-            *(start_one(node) for node in session.nodes.values()), return_exceptions=True
-        )
+        # Nodes started afresh first: they boot, where the others only load a state.
+        nodes = sorted(session.nodes.values(), key=lambda node: node.name in resuming)
+        results = await asyncio.gather(*(start_one(node) for node in nodes), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise failures[0]
+        self.restored = resuming
+        await asyncio.gather(
+            *(
+                self._after_restore[name](session.node(name))
+                for name in resuming
+                if name in self._after_restore
+            )
+        )
         for index, capture in enumerate(self.lab.captures):
             await self._start_capture(index, capture.endpoint, capture.file)
         self.started_ok = True
@@ -361,6 +392,43 @@ class LabRunner:
                 await console.expect(spec.expect, timeout=spec.timeout)
             return console.transcript[start:]
 
+    async def shells_ready(self) -> None:
+        """Wait until every node whose image says how to reach its shell (``open_shell``)
+        answers there: the guests booted (or resumed)."""
+        assert self.session is not None
+        session = self.session
+
+        async def one(name: str, open_shell: Callable[[Node], Awaitable[TelnetConsole]]) -> None:
+            console = await open_shell(session.node(name))
+            await console.close()
+
+        await asyncio.gather(*(one(name, shell) for name, shell in self._shells.items()))
+
+    async def save(self, name: str) -> list[str]:
+        """Save the running lab as the snapshot ``name`` (see :mod:`emucore.snapshots`):
+        every node that can, paused together, then running again.
+
+        :return: the nodes whose emulator saves no state (a restore starts them afresh).
+        :raises ConfigError: ``name`` is not a state name.
+        """
+        assert self.session is not None
+        return await lab_snapshots.save(self.session, name)
+
+    async def snapshots(self) -> tuple[list[lab_snapshots.LabSnapshot], list[str]]:
+        """The lab's snapshots, and the nodes whose emulator saves no state (builds the
+        session if needed; nothing starts)."""
+        session = self.session or self.build()
+        return await lab_snapshots.snapshots(session)
+
+    async def delete_snapshot(self, name: str) -> int:
+        """Delete the snapshot ``name`` from every node (stopped) holding it.
+
+        :return: the bytes given back to the file system.
+        :raises ConfigError: there is no such snapshot.
+        """
+        session = self.session or self.build()
+        return await lab_snapshots.delete(session, name, str(self.lab_file))
+
     async def stop(self, clean: bool = False) -> None:
         """Stop and close every node, remove the links; with ``clean``, delete node files."""
         if self.session is not None:
@@ -387,6 +455,7 @@ class LabRunner:
                         if console is None
                         else {"type": console.type, "host": console.host, "port": console.port},
                         "directory": str(node.directory),
+                        "from_state": self.from_state if node.name in self.restored else None,
                     }
                 )
         links = [

@@ -94,3 +94,58 @@ def test_options_reach_the_fixtures(pytester: pytest.Pytester) -> None:
         f"--emu-initrd={guest.initrd}",
     )
     result.assert_outcomes(passed=1)
+
+
+def test_a_saved_lab_boots_once_and_each_test_gets_it_back(pytester: pytest.Pytester) -> None:
+    pytester.makefile(
+        ".toml",
+        pair="""
+        name = "pair"
+        [nodes.a]
+        image = "tiny"
+        ip = "10.0.0.1/24"
+        [nodes.b]
+        image = "tiny"
+        ip = "10.0.0.2/24"
+        [[links]]
+        endpoints = ["a:0", "b:0"]
+        [[checks]]
+        node = "a"
+        command = "ping -c 1 10.0.0.2"
+        expect = "1 packets received"
+        """,
+    )
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def pair(saved_lab):
+            return saved_lab("pair.toml", check=True)
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("turn", range(3))
+        def test_each_gets_the_saved_moment(emu_run, warm_lab, pair, guest_console, turn):
+            async def body():
+                lab = await warm_lab(pair)
+                a = lab.session.node("a")
+                console = await guest_console(a)
+                status, _ = await console.run("test -e /tmp/dirty")
+                assert status == 1, "a file an earlier test wrote survived"
+                assert (await console.run("touch /tmp/dirty"))[0] == 0
+                status, out = await console.run("ping -c 1 -W 2 10.0.0.2")
+                assert status == 0, out
+                log = (a.directory / "console.log").read_text(errors="replace")
+                assert "EMU-GUEST-READY" not in log, "the guest booted"
+            emu_run(body())
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--emu-kvm=off", f"--basetemp={pytester.path / 'tmp'}"
+    )
+    result.assert_outcomes(passed=3)
+    assert processes_mentioning(str(pytester.path / "tmp")) == {}
