@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import statistics
 import tempfile
 import time
@@ -22,6 +23,7 @@ from qemu.qmp import ConnectError, QMPClient
 from emu_tests.guest import READY_MARKER, TinyGuest, build_tiny_guest
 from emucore.models import HostSettings, Project
 from emucore.node import Node
+from emucore.process import signal_child
 from emucore.session import Session
 
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -145,6 +147,5 @@ async def bare_qemu(argv: list[str], directory: Path, cont: bool = False) -> Any
     finally:
         with contextlib.suppress(Exception):
             await client.disconnect()
-        if process.returncode is None:
-            process.kill()
+        signal_child(process, signal.SIGKILL)
         await process.wait()

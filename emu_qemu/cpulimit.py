@@ -35,7 +35,7 @@ from pathlib import Path
 import attrs
 
 from emucore.files import create_file
-from emucore.process import Supervised, spawn
+from emucore.process import Supervised, signal_child, spawn
 
 LOG_NAME = "cpulimit.log"
 
@@ -179,8 +179,7 @@ async def _guard(target: int, log_path: Path, command: Sequence[str]) -> int:
             await asyncio.wait({exited, ended}, return_when=asyncio.FIRST_COMPLETED)
             ended.cancel()
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                cpulimit.kill()
+            signal_child(cpulimit, signal.SIGKILL)
             await exited  # cpulimit is gone: nothing can stop the target any more
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, signal.SIGCONT)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import tempfile
 import time
 import weakref
@@ -34,7 +35,7 @@ from emucore.convert import structure
 from emucore.errors import ConfigError, EmuError, NodeError
 from emucore.models import HostSettings
 from emucore.paths import cache_dir, probe_kernels_dir
-from emucore.process import spawn
+from emucore.process import signal_child, spawn
 from emucore.records import ArgFragment, CheckResult
 from emucore.stash import StashKey
 
@@ -166,7 +167,7 @@ async def _run(argv: Sequence[str], timeout: float) -> tuple[int | None, str]:
     finally:
         # Also on cancellation (a start given up, Ctrl-C): never leave a probe QEMU behind.
         if process.returncode is None:
-            process.kill()
+            signal_child(process, signal.SIGKILL)
             await asyncio.shield(process.wait())
 
 

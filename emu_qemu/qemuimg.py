@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import attrs
 
 from emucore.errors import EmuError
 from emucore.paths import cache_dir
+from emucore.process import signal_child
 
 # qemu-img check exit codes.
 CHECK_OK, CHECK_CORRUPT, CHECK_LEAKS = 0, 2, 3
@@ -64,7 +66,7 @@ async def run(qemu_img: str, args: Sequence[str], timeout: float = 600.0) -> Com
     try:
         out, _ = await asyncio.wait_for(process.communicate(), timeout)
     except BaseException:
-        process.kill()
+        signal_child(process, signal.SIGKILL)
         await process.wait()
         raise
     assert process.returncode is not None

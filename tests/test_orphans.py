@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -287,3 +288,24 @@ def test_terminate_continues_a_stopped_child_so_its_sigterm_handler_runs(emu_run
         assert time.monotonic() - began < 10
 
     emu_run(body())
+
+
+def test_terminate_reports_the_real_exit_of_a_child_that_dies_at_once(
+    emu_run: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM kills ``sleep`` at once; the SIGCONT after it must not reap it behind asyncio's
+    child watcher (which then reported 255 and logged "Unknown child process": 8 in 100, and
+    this test failed most of its runs before the fix)."""
+    from emucore.process import terminate
+
+    async def body() -> list[int | None]:
+        codes = []
+        for _ in range(300):
+            child = await asyncio.create_subprocess_exec("sleep", "600")
+            codes.append(await terminate(child, grace=10))
+        return codes
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        codes = emu_run(body())
+    assert set(codes) == {-signal.SIGTERM}
+    assert not [r for r in caplog.records if "Unknown child process" in r.getMessage()]
