@@ -20,11 +20,12 @@ from typing import Any
 
 from qemu.qmp import ConnectError, QMPClient
 
-from emu_tests.guest import READY_MARKER, TinyGuest, build_tiny_guest
+from emu_tests.guest import PROMPT, READY_MARKER, TinyGuest, build_tiny_guest
 from emucore.models import HostSettings, Project
 from emucore.node import Node
 from emucore.process import signal_child
 from emucore.session import Session
+from emucore.telnet import ConsoleError, TelnetConsole
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 
@@ -69,6 +70,25 @@ def guest_node(lab: Session, tiny: TinyGuest, name: str, ram: int = 128, **prope
         "kernel_command_line": tiny.kernel_command_line(ip=ip, hostname=name),
     }
     return lab.add_node(description | properties)
+
+
+async def shell_answers(node: Node, state: str | None = None) -> float:
+    """Seconds from ``node.start(state=state)`` until the guest's shell answers Enter with
+    its prompt (pressed every 0.1 s: a restored guest printed its last prompt long ago)."""
+    began = now()
+    await node.start(state=state)
+    assert node.console is not None
+    console = await TelnetConsole.connect(node.console.host, node.console.port)
+    try:
+        while True:
+            await console.sendline()
+            try:
+                await console.expect(PROMPT, timeout=0.1)
+                return now() - began
+            except ConsoleError:
+                continue
+    finally:
+        await console.close()
 
 
 async def timed_start(node: Node) -> float:

@@ -24,28 +24,6 @@ import sys
 import benchlib
 
 from emu_qemu import qemuimg
-from emu_tests.guest import PROMPT
-from emucore.node import Node
-from emucore.telnet import ConsoleError, TelnetConsole
-
-
-async def answered(node: Node) -> float:
-    """Seconds from ``node.start()`` until the guest's shell answers Enter with its prompt
-    (pressed every 0.1 s: a restored guest printed its last prompt long ago)."""
-    began = benchlib.now()
-    await node.start()
-    assert node.console is not None
-    console = await TelnetConsole.connect(node.console.host, node.console.port)
-    try:
-        while True:
-            await console.sendline()
-            try:
-                await console.expect(PROMPT, timeout=0.1)
-                return benchlib.now() - began
-            except ConsoleError:
-                continue
-    finally:
-        await console.close()
 
 
 async def main(runs: int) -> None:
@@ -67,18 +45,18 @@ async def main(runs: int) -> None:
             key: [] for key in ("bios", "uefi", "tpm", "plain", "resume", "save")
         }
         try:
-            await answered(warm)  # the first start boots; every later one resumes
+            await benchlib.shell_answers(warm)  # the first start boots; every later one resumes
             for round_number in range(runs):
                 flip = round_number % 2 == 1
                 for node, key in [(bios, "bios"), (uefi, "uefi")][:: -1 if flip else 1]:
-                    times[key].append(await answered(node))
+                    times[key].append(await benchlib.shell_answers(node))
                     await node.stop()
                 for node, key in [(tpm, "tpm"), (plain, "plain")][:: -1 if flip else 1]:
                     times[key].append(await benchlib.timed_start(node))
                 began = benchlib.now()
                 await warm.stop()
                 times["save"].append(benchlib.now() - began)
-                times["resume"].append(await answered(warm))
+                times["resume"].append(await benchlib.shell_answers(warm))
         finally:
             await lab.close()
     print(f"# {runs} runs each; {benchlib.load_note()}")

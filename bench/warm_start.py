@@ -36,33 +36,12 @@ from pathlib import Path
 
 import benchlib
 
-from emu_tests.guest import PROMPT
 from emucore.lab import load_lab
 from emucore.models import HostSettings, NodeEvent
-from emucore.node import Node
 from emucore.runner import LabRunner
-from emucore.telnet import ConsoleError, TelnetConsole
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.toml"
 STATE = "bench"
-
-
-async def shell_answers(node: Node, state: str | None) -> float:
-    """Seconds from the start until the guest's shell answers Enter with its prompt."""
-    began = benchlib.now()
-    await node.start(state=state)
-    assert node.console is not None
-    console = await TelnetConsole.connect(node.console.host, node.console.port)
-    try:
-        while True:
-            await console.sendline()
-            try:
-                await console.expect(PROMPT, timeout=0.1)
-                return benchlib.now() - began
-            except ConsoleError:
-                continue
-    finally:
-        await console.close()
 
 
 async def one_node(root: Path, runs: int) -> tuple[list[float], list[float]]:
@@ -73,13 +52,13 @@ async def one_node(root: Path, runs: int) -> tuple[list[float], list[float]]:
     warm = benchlib.guest_node(lab, tiny, "warm")
     colds, warms = [], []
     try:
-        await shell_answers(warm, None)
+        await benchlib.shell_answers(warm, None)
         await warm.save_state(STATE)
         await warm.stop()
         for round_number in range(runs):
             order = [(cold, None, colds), (warm, STATE, warms)]
             for node, state, times in order[:: -1 if round_number % 2 else 1]:
-                times.append(await shell_answers(node, state))
+                times.append(await benchlib.shell_answers(node, state))
                 await node.stop()
     finally:
         await lab.close()
