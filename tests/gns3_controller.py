@@ -408,19 +408,29 @@ async def compute_update(
     read from the controller's notification WebSocket (the only place the controller shows
     a compute's connection and load: its REST API returns the stored registration).
 
-    :param then: called once the WebSocket is open (e.g. to kill the compute).
+    :param then: called once the controller is seen sending this WebSocket updates about
+        the compute (e.g. to kill the compute): it subscribes the socket a moment after the
+        handshake, and an update sent before that is lost (a SIGKILLed compute's only
+        ``connected: false`` was, once in a few runs).
     """
     url = controller.url.replace("http", "ws", 1) + f"/notifications/ws?token={controller.token}"
+
+    async def update() -> dict[str, Any]:
+        while True:
+            message = await ws.receive_json()
+            event = message.get("event", {})
+            if message.get("action") == "compute.updated" and event.get("compute_id") == compute_id:
+                return dict(event)
+
     async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
-        if then is not None:
-            then()
         async with asyncio.timeout(timeout):
+            if then is not None:
+                await update()  # the compute's next ping: the controller listens to us now
+                then()
             while True:
-                message = await ws.receive_json()
-                event = message.get("event", {})
-                ours = message.get("action") == "compute.updated"
-                if ours and event.get("compute_id") == compute_id and accept(event):
-                    return dict(event)
+                event = await update()
+                if accept(event):
+                    return event
 
 
 @contextlib.contextmanager
