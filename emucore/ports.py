@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 
@@ -16,14 +17,16 @@ class PortAllocator:
     """Hands out UDP ports from ``[low, high]`` on ``host``.
 
     A port is free when no allocator of this process holds it and it can be bound right now
-    (another program may hold it). QEMU or the relay binds it later; the window between the
-    check and that bind is small, and a collision there fails loudly at start.
+    (another program may hold it). The emulator or the relay binds it later; a collision in
+    between fails loudly at start. Each allocator begins at a random place in the range, so
+    two emu processes on one host (two labs, a lab and ``emu serve``) choosing ports at the
+    same moment rarely pick the same one (from ``low``, they did at once).
     """
 
     def __init__(self, host: str, ports: tuple[int, int]) -> None:
         self.host = host
         self.low, self.high = ports
-        self._next = self.low
+        self._next = random.randint(self.low, self.high)
         self.held: set[int] = set()
 
     def allocate(self) -> int:

@@ -11,6 +11,7 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -570,3 +571,24 @@ def test_sigkill_of_the_host_leaves_no_vpcs(tmp_path: Path, subreaper: None) -> 
         if host.poll() is None:
             host.kill()
             host.wait()
+
+
+def test_a_tunnel_port_another_program_took_fails_the_start(
+    emu_run: Any, vpcs_node: NodeFactory
+) -> None:
+    """VPCS only prints "Open port N error" and goes on deaf; emu makes it a failed start.
+    (The port is taken by this test's socket, standing in for another program.)"""
+
+    async def body() -> None:
+        pc = await vpcs_node("pc1", start=False, ip="10.0.0.1/24")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            port = taken.getsockname()[1]
+            await pc.attach_nio(0, UdpNio(port, "127.0.0.1", port + 1))
+            with pytest.raises(EmulatorExitedError, match="VPCS cannot open its tunnel") as info:
+                await pc.start()
+        assert f"Open port {port} error [Address already in use]" in str(info.value)
+        assert pc.status is NodeStatus.STOPPED
+        assert vpcs_pid(pc) is None
+
+    emu_run(body())

@@ -15,7 +15,9 @@ Here VPCS runs in the foreground (no ``-p``) with a pty as its terminal (see
    before the kernel could help.
 
 Start: VPCS runs the startup script, then shows its prompt; the node is started when the
-prompt shows (setting an address takes ~3 s: VPCS checks for a duplicate). The process is
+prompt shows (setting an address takes ~3 s: VPCS checks for a duplicate). A tunnel VPCS
+could not open (``Open port N error``: another program bound the port between emu's
+choice and VPCS' start) fails the start, where VPCS itself would go on deaf. The process is
 watched (:class:`emucore.process.Supervised`), so an exit is seen at once. Stop: SIGTERM
 (VPCS does not catch it), a bounded wait, SIGKILL. Suspend and resume are SIGSTOP and
 SIGCONT; reload restarts VPCS.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -78,10 +81,15 @@ async def emu_start(node: VpcsNode, argv: Sequence[str]) -> None:
     await _launch(node, argv, terminal)
 
 
+# VPCS reports a tunnel it cannot open, then goes on without it (and answers nothing).
+_NO_TUNNEL = re.compile(rb"(?:Open port \d+|Create TAP device \S+) error \[[^\]\r\n]*\]")
+
+
 async def _launch(node: VpcsNode, argv: Sequence[str], terminal: Terminal) -> Supervised:
     settings = node.emulator_settings
     slave = terminal.open_pty()
     ready = terminal.expect(PROMPT)  # before the spawn: the prompt cannot slip past
+    no_tunnel = terminal.expect(_NO_TUNNEL)
     try:
         try:
             running = await Supervised.start(
@@ -109,9 +117,19 @@ async def _launch(node: VpcsNode, argv: Sequence[str], terminal: Terminal) -> Su
         if not shown:
             returncode = await running.wait(2)  # the exit code comes a moment later
             raise EmulatorExitedError(node.name, "VPCS did not start", returncode, terminal.tail())
+        if no_tunnel.done() and no_tunnel.result():  # printed before the prompt: seen by now
+            await running.stop(settings.stop_timeout)
+            raise EmulatorExitedError(
+                node.name,
+                "VPCS cannot open its tunnel (another program took the port since emu chose"
+                " it?); start the node again",
+                None,
+                terminal.tail(),
+            )
         return running
     finally:
         ready.cancel()
+        no_tunnel.cancel()
 
 
 def _exited(node: VpcsNode, terminal: Terminal, returncode: int) -> None:
