@@ -16,6 +16,7 @@ from typing import IO, Any
 import dpkt
 
 from emucore.cgroups import CgroupError, Hierarchy, find_hierarchy, probe
+from emucore.telnet import TelnetConsole
 
 
 def icmp_pairs(path: Path) -> set[tuple[str, str, str]]:
@@ -141,3 +142,15 @@ def qemu_img_info(path: Path) -> dict[str, Any]:
     ).stdout
     info: dict[str, Any] = json.loads(out)
     return info
+
+
+def qcow2_snapshots(image: Path) -> list[str]:
+    """The internal snapshots of a qcow2 file, by name, as qemu-img lists them."""
+    return [snapshot["name"] for snapshot in qemu_img_info(image).get("snapshots", [])]
+
+
+async def guest_uptime(console: TelnetConsole) -> float:
+    """A tiny guest's uptime in seconds (``/proc/uptime``), read on its shell."""
+    status, out = await console.run("cut -d' ' -f1 /proc/uptime")
+    assert status == 0, out
+    return float(out.split()[-1])

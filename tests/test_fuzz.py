@@ -747,7 +747,9 @@ def check_argv(lab: FuzzLab, node: Node, argv: list[str]) -> None:
     if "%guest-cid%" in props.options:
         assert cid is not None
         assert 3 <= cid <= 65535
-        assert node.claims.take(node, "guest cid", cid) is None  # held by this node
+        # A fresh session: the fixed console port when there is one, else the first free CID.
+        fixed = props.console if props.console_type != "none" and (props.console or 0) >= 3 else 0
+        assert cid == (fixed or 3)
         values["%guest-cid%"] = str(cid)
     user = [substitute(word, values) for word in written]
     assert argv[len(argv) - len(user) :] == user

@@ -29,8 +29,12 @@ from emucore.models import HostSettings, NodeEvent
 from emucore.node import Node
 from emucore.runner import LabRunner
 from emucore.session import Session
-from emucore.telnet import TelnetConsole
-from tests.helpers import icmp_pairs, processes_mentioning, qemu_img_info
+from tests.helpers import (
+    guest_uptime,
+    icmp_pairs,
+    processes_mentioning,
+    qcow2_snapshots,
+)
 
 EMU = [sys.executable, "-m", "emucore.cli"]
 
@@ -69,11 +73,6 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def tags(image: Path) -> list[str]:
-    """The internal snapshots of a qcow2 file."""
-    return [snapshot["name"] for snapshot in qemu_img_info(image).get("snapshots", [])]
-
-
 async def shell(node: Node, command: str) -> str:
     """Run ``command`` on a tiny guest's shell; its output (it must succeed)."""
     console = await open_guest_console(node)
@@ -83,12 +82,6 @@ async def shell(node: Node, command: str) -> str:
         await console.close()
     assert status == 0, f"{node.name}: {command!r} failed: {output}"
     return output
-
-
-async def uptime(console: TelnetConsole) -> float:
-    status, out = await console.run("cut -d' ' -f1 /proc/uptime")
-    assert status == 0, out
-    return float(out.split()[-1])
 
 
 def runner(path: Path, state: str | None = None) -> LabRunner:
@@ -115,7 +108,7 @@ def test_a_lab_comes_back_from_its_snapshot_without_a_boot(
                 console = await open_guest_console(cold.session.node(name))
                 try:
                     assert (await console.run(f"echo kept-{name} > /tmp/mark"))[0] == 0
-                    uptimes[name] = await uptime(console)
+                    uptimes[name] = await guest_uptime(console)
                 finally:
                     await console.close()
             assert await cold.save("converged") == ["pc"]
@@ -127,7 +120,7 @@ def test_a_lab_comes_back_from_its_snapshot_without_a_boot(
     nodes = tmp_path / ".emu" / "warm" / "project-files" / "qemu"
     files = sorted(nodes.glob("*/states/converged.qcow2"))
     assert len(files) == 2  # the machines' states, beside their nodes
-    assert all(tags(file) == [tag_of("converged")] for file in files)
+    assert all(qcow2_snapshots(file) == [tag_of("converged")] for file in files)
 
     async def restore() -> None:
         listed, stateless = await runner(path).snapshots()
@@ -151,7 +144,7 @@ def test_a_lab_comes_back_from_its_snapshot_without_a_boot(
                 console = await open_guest_console(node)
                 try:
                     assert await console.run("cat /tmp/mark") == (0, f"kept-{node.name}")
-                    assert await uptime(console) > uptimes[node.name]  # a boot starts at 0
+                    assert await guest_uptime(console) > uptimes[node.name]  # a boot starts at 0
                     status, out = await console.run("date +%s")
                     assert status == 0, out
                     assert abs(int(out) - time.time()) < 3, "the clock was not set from the RTC"
@@ -206,8 +199,8 @@ def test_a_state_that_no_longer_fits_is_refused_naming_what_changed(
         await node.save_state("s")
         await node.stop()
         assert [state.name for state in await node.states()] == ["s"]
-        assert tags(node.directory / "hda_disk.qcow2") == [tag_of("s")]  # the disk, too
-        assert tags(disk) == []  # never the base image
+        assert qcow2_snapshots(node.directory / "hda_disk.qcow2") == [tag_of("s")]  # the disk, too
+        assert qcow2_snapshots(disk) == []  # never the base image
         with pytest.raises(NodeError, match=r"no saved state 'nope' \(saved states: s\)"):
             await node.start(state="nope")
 
@@ -236,7 +229,7 @@ def test_a_state_that_no_longer_fits_is_refused_naming_what_changed(
         await node.stop()
         await node.delete_state("s")
         assert await node.states() == []
-        assert tags(node.directory / "hda_disk.qcow2") == []
+        assert qcow2_snapshots(node.directory / "hda_disk.qcow2") == []
         assert not (node.directory / "states" / "s.qcow2").exists()
 
     emu_run(body())
@@ -273,6 +266,7 @@ def test_emu_run_saves_resumes_lists_and_deletes(tmp_path: Path, tiny_guest: obj
     done = emu("run", str(path), "--from", "answered", "--check")
     assert done.returncode == 2
     assert "$.nodes.a: no saved state 'answered' (saved: none)" in done.stderr
+    assert processes_mentioning(str(tmp_path / ".emu")) == {}
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,7 @@ def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]
         text=True,
     )
     groups: list[Path] = []
+    pids: list[int] = []
     try:
         assert host.stdout is not None
         line = host.stdout.readline()
@@ -110,6 +111,10 @@ def run_and_kill_host(tmp_path: Path, guest: TinyGuest, count: int) -> list[int]
         if host.poll() is None:
             host.kill()
             host.wait()
+        for pid in pids:  # what survived (the failure the callers assert against) goes too
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        reap(pids)
         for group in groups:  # these nodes never start again: remove their leftovers here
             with contextlib.suppress(OSError):
                 group.rmdir()

@@ -21,15 +21,10 @@ from emucore.models import HostSettings, NodeEvent
 from emucore.node import Node
 from emucore.session import Session
 from emucore.telnet import TelnetConsole
-from tests.helpers import qemu_img_info
+from tests.helpers import guest_uptime, qcow2_snapshots
 
 NodeFactory = Callable[..., Awaitable[Node]]
 ConsoleFactory = Callable[[Node], Awaitable[TelnetConsole]]
-
-
-def snapshots(image: Path) -> list[str]:
-    """The internal snapshots of a qcow2 file, as qemu-img lists them."""
-    return [snapshot["name"] for snapshot in qemu_img_info(image).get("snapshots", [])]
 
 
 @pytest.fixture
@@ -38,12 +33,6 @@ def empty_disk(emu_settings: HostSettings) -> Path:
     path = Path(emu_settings.image_dirs[0]) / "empty.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
     return path
-
-
-async def uptime(console: TelnetConsole) -> float:
-    status, out = await console.run("cut -d' ' -f1 /proc/uptime")
-    assert status == 0, out
-    return float(out.split()[-1])
 
 
 @pytest.mark.qemu
@@ -58,13 +47,13 @@ def test_a_stopped_guest_resumes_where_it_was_and_other_on_close_discards_it(
         node = await qemu_node("warm", hda_disk_image=empty_disk.name, on_close="save_vm_state")
         console = await guest_console(node)
         assert (await console.run("echo kept-in-ram > /tmp/mark"))[0] == 0
-        before = await uptime(console)
+        before = await guest_uptime(console)
         events: list[NodeEvent] = []
         emu_session.events.subscribe(events.append)
         await node.stop()
         overlay = node.directory / "hda_disk.qcow2"
-        assert snapshots(overlay) == [TAG]
-        assert snapshots(empty_disk) == []  # never the base image
+        assert qcow2_snapshots(overlay) == [TAG]
+        assert qcow2_snapshots(empty_disk) == []  # never the base image
         assert any(e.message.startswith("VM state saved in") for e in events)
 
         await node.start()
@@ -72,19 +61,19 @@ def test_a_stopped_guest_resumes_where_it_was_and_other_on_close_discards_it(
         again = await guest_console(node)
         status, out = await again.run("cat /tmp/mark")
         assert (status, out) == (0, "kept-in-ram")
-        assert await uptime(again) > before  # it went on: a boot would start from 0
+        assert await guest_uptime(again) > before  # it went on: a boot would start from 0
         log = (node.directory / "console.log").read_text(errors="replace")
         assert READY_MARKER not in log  # no boot since the start
         # Saved again at the next stop (the state before is replaced, not added to).
         await node.stop()
-        assert snapshots(overlay) == [TAG]
+        assert qcow2_snapshots(overlay) == [TAG]
 
         # A machine that no longer matches the state (more RAM) cannot take it: the start
         # fails saying what to do, and the state stays for a matching start.
         await emu_session.update_node("warm", {"ram": 160})
         with pytest.raises(NodeError, match=r"restoring the saved VM state failed .*power_off"):
             await node.start()
-        assert snapshots(overlay) == [TAG]
+        assert qcow2_snapshots(overlay) == [TAG]
 
         # Another on_close: the saved state is discarded at the start, the guest boots.
         await emu_session.update_node("warm", {"on_close": "power_off"})
@@ -93,7 +82,7 @@ def test_a_stopped_guest_resumes_where_it_was_and_other_on_close_discards_it(
         assert (await fresh.run("test -e /tmp/mark"))[0] == 1
         assert any("saved VM state was discarded" in e.message for e in events)
         await node.stop()
-        assert snapshots(overlay) == []
+        assert qcow2_snapshots(overlay) == []
 
     emu_run(body())
 

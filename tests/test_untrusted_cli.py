@@ -99,13 +99,13 @@ def no_emulator_left(directory: Path) -> None:
 def test_a_capture_file_must_be_a_pcap_inside_the_lab(
     vpcs_lab: Path, file: str, problem: str
 ) -> None:
-    before = vpcs_lab.read_bytes()
     vpcs_lab.write_text(VPCS_LAB + f'\n[[captures]]\nendpoint = "pc1:0"\nfile = "{file}"\n')
+    written = vpcs_lab.read_bytes()
     done = emu("run", str(vpcs_lab), "--check")
     assert done.returncode == 2
     line = one_error_line(done)
     assert f"{vpcs_lab}: $.captures[0].file: {problem}" in line
-    assert vpcs_lab.read_bytes() != before  # (the lab as rewritten above, untouched by emu)
+    assert vpcs_lab.read_bytes() == written  # the lab as written above, untouched by emu
     assert not (vpcs_lab.parent / ".emu" / "hostile" / "project-files").exists()
 
 
