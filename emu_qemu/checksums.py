@@ -3,7 +3,7 @@
 For each image property that is set (``hda_disk_image`` ... ``hdd_disk_image``,
 ``cdrom_image``, ``bios_image``, ``kernel_image``, ``initrd``), ``emu_node_info`` answers
 ``<property>_md5sum``: the md5 of the image file. Each file is read once, in a thread, and
-its digest remembered by path, size and mtime (:func:`emu_qemu.qemuimg.md5`), so a node
+its digest remembered by path, size and mtime (:func:`emucore.digests.md5`), so a node
 renders at once after the first time. An image that cannot be found has no checksum.
 """
 
@@ -13,11 +13,11 @@ from collections.abc import Mapping
 
 import attrs
 
-from emu_qemu import qemuimg
 from emu_qemu.contract import QemuNode
 from emu_qemu.images import resolve_image
 from emu_qemu.properties import QemuProperties
 from emucore import hookimpl
+from emucore.digests import md5
 from emucore.errors import ImageError
 
 EMULATOR = "qemu"
@@ -37,5 +37,5 @@ async def emu_node_info(node: QemuNode) -> Mapping[str, str]:
             path = resolve_image(node, field, value)
         except ImageError:
             continue  # missing or refused: the node's start says why
-        sums[f"{field}_md5sum"] = await qemuimg.md5(path)
+        sums[f"{field}_md5sum"] = await md5(path)
     return sums

@@ -7,8 +7,6 @@ unchanged base is checked once, not at every start (GNS3 checks every base at ev
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -19,8 +17,8 @@ from typing import Any
 
 import attrs
 
+from emucore.digests import StampedFile, stamp
 from emucore.errors import EmuError
-from emucore.paths import cache_dir
 from emucore.process import signal_child
 
 # qemu-img check exit codes.
@@ -73,11 +71,6 @@ async def run(qemu_img: str, args: Sequence[str], timeout: float = 600.0) -> Com
     return Completed(process.returncode, out.decode(errors="replace").strip())
 
 
-def _stamp(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
-
-
 _info_cache: dict[tuple[str, int, int, str], dict[str, Any]] = {}
 
 
@@ -89,7 +82,7 @@ async def info(qemu_img: str, path: Path, image_format: str | None = None) -> di
 
     :param image_format: read the image as this format instead of probing it.
     """
-    key = (*_stamp(path), image_format or "")
+    key = (*stamp(path), image_format or "")
     if key not in _info_cache:
         forced = ["-f", image_format] if image_format else []
         args = ["info", "-U", *forced, "--output=json", str(path)]
@@ -100,36 +93,7 @@ async def info(qemu_img: str, path: Path, image_format: str | None = None) -> di
     return _info_cache[key]
 
 
-class StampedFile:
-    """A JSON file in emu's cache remembering one value per image file, keyed by its path,
-    size and mtime (``path|size|mtime_ns``); when it is written, the entries of files that
-    are gone (temporary bases of tests, deleted labs) are dropped."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def load(self) -> dict[str, Any]:
-        """Everything remembered ({} when the file is missing or unreadable)."""
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads((cache_dir() / self.name).read_text())
-            if isinstance(data, dict):
-                return {str(key): value for key, value in data.items()}
-        return {}
-
-    def remember(self, key: str, value: Any) -> None:
-        """Add ``key``; a cache that cannot be written is not an error."""
-        path = cache_dir() / self.name
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            known = {k: v for k, v in self.load().items() if Path(k.split("|")[0]).exists()}
-            known[key] = value
-            temporary = path.with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(known, indent=1))
-            temporary.replace(path)
-
-
 _CHECKED = StampedFile("checked-images.json")
-_MD5S = StampedFile("image-md5.json")
 
 
 async def check_base(qemu_img: str, path: Path, image_format: str) -> Completed:
@@ -139,7 +103,7 @@ async def check_base(qemu_img: str, path: Path, image_format: str) -> Completed:
     """
     if image_format not in ("qcow2", "qed", "vdi", "vhdx", "parallels"):
         return Completed(CHECK_OK, "format has no consistency check")
-    key = "|".join(map(str, _stamp(path)))
+    key = "|".join(map(str, stamp(path)))
     remembered = _CHECKED.load().get(key)
     if isinstance(remembered, int):
         return Completed(remembered, "checked before, unchanged since")
@@ -147,30 +111,3 @@ async def check_base(qemu_img: str, path: Path, image_format: str) -> Completed:
     if done.returncode in (CHECK_OK, CHECK_LEAKS, CHECK_CORRUPT):
         _CHECKED.remember(key, done.returncode)
     return done
-
-
-_md5_cache: dict[tuple[str, int, int], str] = {}
-
-
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as image:
-        while chunk := image.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-async def md5(path: Path) -> str:
-    """The md5 of an image, computed in a thread (never on the event loop), once per file:
-    remembered by path, size and mtime, in memory and in ``<cache>/image-md5.json`` (a host
-    restart does not read gigabytes again); computed only when asked for."""
-    stamp = _stamp(path)
-    if stamp not in _md5_cache:
-        key = "|".join(map(str, stamp))
-        remembered = _MD5S.load().get(key)
-        if isinstance(remembered, str):
-            _md5_cache[stamp] = remembered
-        else:
-            _md5_cache[stamp] = digest = await asyncio.to_thread(_md5_file, path)
-            _MD5S.remember(key, digest)
-    return _md5_cache[stamp]

@@ -16,6 +16,7 @@ import pytest
 
 from emu_qemu import qemuimg
 from emu_qemu.disks import overlay_path
+from emucore.digests import md5
 from emucore.errors import ImageError
 from emucore.models import HostSettings, NodeEvent
 from emucore.node import Node
@@ -199,10 +200,10 @@ def test_md5_is_lazy_cached_and_computed_off_the_loop(tmp_path: Path, emu_run: A
                 await asyncio.sleep(0)
 
         task = asyncio.create_task(ticker())
-        first = await qemuimg.md5(image)
+        first = await md5(image)
         task.cancel()
         assert loop_thread is asyncio.get_running_loop()
-        second = await qemuimg.md5(image)
+        second = await md5(image)
         return first, second, ticks
 
     first, second, ticks = emu_run(body())
