@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from emu_qemu import positions
-from emu_qemu.contract import QemuNode
+from emu_qemu.contract import QemuNode, binary
 from emu_qemu.qemubinary import DEFAULT_PLATFORM, QemuBinary, find_binary, read_version
 from emucore import hookimpl
 from emucore.models import HostSettings
@@ -48,7 +48,8 @@ async def emu_prepare(node: QemuNode) -> None:
 @hookimpl(trylast=True)
 def emu_build_args(node: QemuNode) -> Sequence[ArgFragment]:
     """The binary is argv[0]."""
-    return [ArgFragment(positions.PROGRAM, (str(emu_qemu_binary(node).path),), "qemu.binary")]
+    # Through the hook, as every piece asks: a plugin answering first names argv[0] too.
+    return [ArgFragment(positions.PROGRAM, (str(binary(node).path),), "qemu.binary")]
 
 
 @hookimpl

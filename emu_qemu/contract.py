@@ -42,6 +42,7 @@ import attrs
 from emu_qemu.images import resolve_image
 from emu_qemu.properties import DRIVES, QemuProperties, QemuSettings
 from emu_qemu.qemubinary import QemuBinary
+from emu_qemu.qemuimg import find_qemu_img
 from emu_qemu.qmp import Monitor
 from emucore.errors import NodeError, NodeStateError
 from emucore.hooks import call_each
@@ -68,6 +69,11 @@ def binary(node: QemuNode) -> QemuBinary:
     return found
 
 
+def qemu_img_of(node: QemuNode) -> str:
+    """The ``qemu-img`` beside the node's QEMU binary (else on ``PATH``)."""
+    return find_qemu_img(binary(node).path)
+
+
 MONITOR = StashKey[Monitor]()
 """The running node's QMP connection (set by ``qemu.process``)."""
 
@@ -84,7 +90,8 @@ def monitor_of(node: QemuNode) -> Monitor:
 
 
 PID = StashKey[int]()
-"""QEMU's pid while its process exists (set by ``qemu.process`` right after the spawn)."""
+"""QEMU's pid while its process exists: set by ``qemu.process`` right after the spawn,
+removed as soon as the exit is seen (or at the stop)."""
 
 
 def qemu_pid(node: QemuNode) -> int | None:

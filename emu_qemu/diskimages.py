@@ -27,7 +27,7 @@ import attrs
 
 from emu_qemu import qemuimg
 from emu_qemu.chain import check_image_chain
-from emu_qemu.contract import QemuNode, binary
+from emu_qemu.contract import QemuNode, qemu_img_of
 from emu_qemu.qemuopts import escape
 from emucore import hookimpl
 from emucore.convert import structure
@@ -131,10 +131,6 @@ def _existing(node: QemuNode, name: str) -> Path:
     return path
 
 
-def _qemu_img(node: QemuNode) -> str:
-    return qemuimg.find_qemu_img(binary(node).path)
-
-
 @hookimpl(trylast=True)
 async def emu_create_disk_image(node: QemuNode, name: str, options: Mapping[str, Any]) -> bool:
     """``qemu-img create`` a new image; an existing file is refused."""
@@ -150,7 +146,7 @@ async def emu_create_disk_image(node: QemuNode, name: str, options: Mapping[str,
         raise ImageError(node.name, str(exc)) from None
     args = ["create", "-q", "-f", FORMATS[wanted.format], *wanted.qemu_img_options()]
     args += [str(path), f"{wanted.size}M"]
-    done = await qemuimg.run(_qemu_img(node), args, timeout=CREATE_TIMEOUT)
+    done = await qemuimg.run(qemu_img_of(node), args, timeout=CREATE_TIMEOUT)
     if done.returncode != 0:
         path.unlink(missing_ok=True)  # nothing half made stays behind
         raise ImageError(node.name, f"cannot create disk image {name!r}: {done.output}")
@@ -163,7 +159,7 @@ async def emu_resize_disk_image(node: QemuNode, name: str, extend: int) -> bool:
     path = _existing(node, name)
     if extend > MAX_MIB:
         raise NodeError(node.name, f"extend: at most {MAX_MIB} MiB, got {extend}")
-    qemu_img = _qemu_img(node)
+    qemu_img = qemu_img_of(node)
     info = await check_image_chain(node, qemu_img, f"disk image {name!r}", path)
     args = ["resize", "-q", "-f", str(info["format"]), str(path), f"+{extend}M"]
     done = await qemuimg.run(qemu_img, args, timeout=CREATE_TIMEOUT)

@@ -17,7 +17,15 @@ from pathlib import Path
 
 from emu_qemu import positions, qemuimg
 from emu_qemu.chain import check_image_chain, referenced_files
-from emu_qemu.contract import DISKS, PreparedDisk, QemuNode, binary, monitor_of, overlay_path
+from emu_qemu.contract import (
+    DISKS,
+    PreparedDisk,
+    QemuNode,
+    binary,
+    monitor_of,
+    overlay_path,
+    qemu_img_of,
+)
 from emu_qemu.images import resolve_image, sniff_format
 from emu_qemu.properties import DRIVES, QemuProperties
 from emu_qemu.qemuopts import opts
@@ -76,7 +84,7 @@ def emu_node_created(node: QemuNode) -> None:
 async def emu_prepare_disks(node: QemuNode) -> None:
     """Check every image's chain, create or reuse linked clones, rebase moved bases, check
     overlays and bases."""
-    qemu_img = qemuimg.find_qemu_img(binary(node).path)
+    qemu_img = qemu_img_of(node)
     prepared: dict[str, PreparedDisk] = {}
     for drive, base in _images(node).items():
         field = f"hd{drive}_disk_image"
@@ -260,9 +268,7 @@ async def emu_update_running(
         disks.pop("cdrom", None)
         return
     cdrom = resolve_image(node, "cdrom_image", wanted)
-    info = await check_image_chain(
-        node, qemuimg.find_qemu_img(binary(node).path), "cdrom_image", cdrom
-    )
+    info = await check_image_chain(node, qemu_img_of(node), "cdrom_image", cdrom)
     fmt = str(info["format"])
     medium = {"id": drive["qdev"], "filename": str(cdrom), "format": fmt}
     await monitor.execute("blockdev-change-medium", {**medium, "read-only-mode": "read-only"})

@@ -28,10 +28,9 @@ import attrs
 
 from emu_qemu import positions
 from emu_qemu.contract import QemuNode, binary
-from emu_qemu.properties import QemuProperties, QemuSettings
+from emu_qemu.properties import QemuProperties, QemuSettings, host_qemu_settings
 from emu_qemu.qemubinary import QemuBinary, find_binary
 from emucore import hookimpl
-from emucore.convert import structure
 from emucore.errors import ConfigError, EmuError, NodeError
 from emucore.models import HostSettings
 from emucore.paths import cache_dir, probe_kernels_dir
@@ -264,13 +263,3 @@ async def emu_check(settings: HostSettings) -> list[CheckResult]:
     if accel.name == "tcg" and kvm_mode(qemu_settings) == "off":
         return [CheckResult("kvm", True, f"not used: {accel.reason}")]
     return [CheckResult("kvm", accel.name == "kvm", accel.reason)]
-
-
-def host_qemu_settings(settings: HostSettings) -> QemuSettings:
-    """The host's QEMU settings (``settings.emulators["qemu"]``), structured.
-
-    :raises ConfigError: they are invalid.
-    """
-    raw = settings.emulators.get("qemu", {})
-    qemu_settings: QemuSettings = structure(dict(raw), QemuSettings, "settings.emulators.qemu")
-    return qemu_settings

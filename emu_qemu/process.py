@@ -163,6 +163,7 @@ async def _remember_shutdown(running: QemuProcess, listener: EventListener) -> N
 
 def _exited(node: QemuNode, running: QemuProcess, returncode: int, log_path: Path) -> None:
     """QEMU ended on its own: a guest power-off, or a crash."""
+    node.stash.pop(PID, None)  # the pid is free for reuse now: nobody may signal it
     reason = running.shutdown_reason
     if reason == "guest-shutdown":
         node.emulator_exited(returncode, "", "the guest powered off", kind="info")

@@ -11,6 +11,8 @@ from typing import Any
 
 import attrs
 
+from emucore.convert import structure
+from emucore.models import HostSettings
 from emucore.validators import in_range, matches, one_of, printable
 
 PLATFORMS = frozenset(
@@ -301,3 +303,15 @@ class QemuSettings:
     )
     swtpm_path: str = attrs.field(default="swtpm", validator=printable(4096))
     savevm_timeout: float = attrs.field(default=120.0, validator=in_range(1, 3600))
+
+
+def host_qemu_settings(settings: HostSettings) -> QemuSettings:
+    """The host's QEMU settings (``settings.emulators["qemu"]``), structured: what a node's
+    ``emulator_settings`` is, for the hooks that have only the host's settings
+    (``emu_check``).
+
+    :raises ConfigError: they are invalid.
+    """
+    raw = settings.emulators.get("qemu", {})
+    qemu_settings: QemuSettings = structure(dict(raw), QemuSettings, "settings.emulators.qemu")
+    return qemu_settings

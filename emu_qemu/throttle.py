@@ -33,7 +33,7 @@ import attrs
 
 from emu_qemu.contract import QemuNode, qemu_pid
 from emu_qemu.cpulimit import Cpulimit, CpulimitError, limit_for, start_cpulimit
-from emu_qemu.properties import QemuProperties, QemuSettings
+from emu_qemu.properties import QemuProperties, QemuSettings, host_qemu_settings
 from emucore import hookimpl
 from emucore.cgroups import (
     NODE_CGROUP,
@@ -44,7 +44,6 @@ from emucore.cgroups import (
     make_group,
     probe,
 )
-from emucore.convert import structure
 from emucore.errors import ConfigError, EmuError, NodeError, NodeStateError
 from emucore.models import HostSettings, NodeStatus
 from emucore.records import CheckResult
@@ -316,8 +315,7 @@ async def emu_check(settings: HostSettings) -> list[CheckResult]:
     """Say how ``cpu_throttling`` is enforced here: cgroup v2, cgroup v1, cpulimit or not."""
     subject = "cpu_throttling"
     try:
-        raw = settings.emulators.get("qemu", {})
-        qemu_settings: QemuSettings = structure(dict(raw), QemuSettings, "settings.emulators.qemu")
+        qemu_settings = host_qemu_settings(settings)
     except EmuError as exc:
         return [CheckResult(subject, False, str(exc))]
     cpulimit = shutil.which("cpulimit")

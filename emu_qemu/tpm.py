@@ -29,9 +29,10 @@ from pathlib import Path
 
 from emu_qemu import positions
 from emu_qemu.contract import QemuNode, binary
+from emu_qemu.properties import QemuSettings, host_qemu_settings
 from emu_qemu.qemuopts import opts
 from emucore import hookimpl
-from emucore.errors import ImageError, NodeError
+from emucore.errors import EmuError, ImageError, NodeError
 from emucore.files import UnsafePathError, check_regular, create_file, private_dir, unix_listener
 from emucore.models import HostSettings, NodeStatus
 from emucore.process import Supervised, log_tail
@@ -54,18 +55,23 @@ SWTPM = StashKey[Supervised]()
 REPORTED = StashKey[bool]()  # swtpm's exit was reported already
 
 
+def swtpm_program(settings: QemuSettings) -> str | None:
+    """The swtpm program ``swtpm_path`` names: that path, or the name looked up in
+    ``binary_dirs`` then on ``PATH`` (``None``: not found)."""
+    wanted = settings.swtpm_path
+    if os.path.isabs(wanted):
+        return wanted if os.access(wanted, os.X_OK) else None
+    search = os.pathsep.join([*map(str, settings.binary_dirs), os.environ.get("PATH", "")])
+    return shutil.which(wanted, path=search)
+
+
 def find_swtpm(node: QemuNode) -> str:
     """The swtpm program the host's settings name (``swtpm_path``).
 
     :raises NodeError: not found, saying how to install it.
     """
-    settings = node.emulator_settings
-    wanted = settings.swtpm_path
-    if os.path.isabs(wanted):
-        found = wanted if os.access(wanted, os.X_OK) else None
-    else:
-        search = os.pathsep.join([*map(str, settings.binary_dirs), os.environ.get("PATH", "")])
-        found = shutil.which(wanted, path=search)
+    wanted = node.emulator_settings.swtpm_path
+    found = swtpm_program(node.emulator_settings)
     if found is None:
         raise NodeError(
             node.name,
@@ -163,8 +169,12 @@ async def emu_stopped(node: QemuNode) -> None:
 
 @hookimpl
 def emu_check(settings: HostSettings) -> list[CheckResult]:
-    """Report whether swtpm is installed (nodes with ``tpm`` need it)."""
-    found = shutil.which("swtpm")
+    """Report whether swtpm is installed (nodes with ``tpm`` need it), found as a start
+    finds it."""
+    try:
+        found = swtpm_program(host_qemu_settings(settings))
+    except EmuError as exc:
+        return [CheckResult("swtpm", False, str(exc))]
     if found is None:
         return [
             CheckResult("swtpm", False, "not found: nodes with tpm need it (apt-get install swtpm)")

@@ -15,16 +15,16 @@ without the package can drop OVMF's files there.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from emu_qemu import positions
 from emu_qemu.contract import QemuNode
 from emu_qemu.images import resolve_image
-from emu_qemu.properties import QemuSettings
+from emu_qemu.properties import QemuSettings, host_qemu_settings
 from emu_qemu.qemuopts import opts
 from emucore import hookimpl
-from emucore.errors import ImageError, NodeError
+from emucore.errors import EmuError, ImageError, NodeError
 from emucore.files import UnsafePathError, check_regular, write_atomic
 from emucore.models import HostSettings
 from emucore.records import ArgFragment, CheckResult
@@ -87,15 +87,23 @@ def emu_build_args(node: QemuNode) -> Sequence[ArgFragment]:
 
 @hookimpl
 def emu_check(settings: HostSettings) -> list[CheckResult]:
-    """Report whether the default UEFI firmware files are installed."""
-    raw = settings.emulators.get("qemu", {})
-    raw = raw if isinstance(raw, Mapping) else {}
-    defaults = QemuSettings()
-    files = [
-        Path(str(raw.get("ovmf_code", defaults.ovmf_code))),
-        Path(str(raw.get("ovmf_vars", defaults.ovmf_vars))),
-    ]
-    missing = [str(path) for path in files if not path.is_file()]
+    """Report whether the UEFI firmware files are there, found as a start finds them (the
+    host's setting, else an image directory holding a file of that name)."""
+    try:
+        qemu_settings = host_qemu_settings(settings)
+    except EmuError as exc:
+        return [CheckResult("ovmf", False, str(exc))]
+    files: list[Path] = []
+    missing: list[str] = []
+    for configured in (qemu_settings.ovmf_code, qemu_settings.ovmf_vars):
+        path = Path(configured)
+        candidates = [path] if path.is_absolute() else []
+        candidates += [Path(directory) / path.name for directory in settings.image_dirs]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            missing.append(configured)
+        else:
+            files.append(found)
     if missing:
         detail = (
             f"{', '.join(missing)} missing: nodes with uefi need them (apt-get install ovmf,"

@@ -33,14 +33,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener
+from qemu.qmp import EventListener, Runstate
 
 from emu_qemu import qemuimg
-from emu_qemu.contract import QemuNode, binary, hard_disk_files, prepared_disks
+from emu_qemu.chain import check_image_chain, referenced_files
+from emu_qemu.contract import QemuNode, hard_disk_files, prepared_disks, qemu_img_of
 from emu_qemu.images import resolve_image, sniff_format
 from emu_qemu.properties import DRIVES
 from emu_qemu.qmp import Monitor, QmpError
@@ -132,13 +134,17 @@ async def run_job(
     :raises QmpError: the job failed or did not finish in time.
     """
     timeout = node.emulator_settings.savevm_timeout
-    job = f"emu-{command}"
+    # Its own id: a job given up (timeout, cancel) stays in QEMU until dismissed, and
+    # would block a next job of the same id.
+    job = f"emu-{command}-{secrets.token_hex(4)}"
     loop = asyncio.get_running_loop()
     began = loop.time()
     listener = monitor.listener("JOB_STATUS_CHANGE")
     waiting = asyncio.ensure_future(_concluded(listener, job))
+    created = dismissed = False
     try:
         await monitor.execute(command, {"job-id": job, **arguments})
+        created = True
         while True:
             left = began + timeout - loop.time()
             if left <= 0:
@@ -146,16 +152,31 @@ async def run_job(
             done, _ = await asyncio.wait({waiting}, timeout=min(PROGRESS_EVERY, left))
             if done:
                 break
+            if monitor.client.runstate is not Runstate.RUNNING:  # no event comes any more
+                raise QmpError(f"{command}: QEMU's monitor went away while the job ran")
             so_far = loop.time() - began
             node.emit("info", f"{JOB_WORDS[command]} {what}: {so_far:.0f} s so far")
         jobs = await monitor.execute("query-jobs")
         error = next((j.get("error") for j in jobs if j.get("id") == job), None)
         await monitor.execute("job-dismiss", {"id": job})
+        dismissed = True
         if error:
             raise QmpError(f"{command} failed: {error}")
     finally:
         waiting.cancel()
         monitor.client.remove_listener(listener)
+        if created and not dismissed and monitor.client.runstate is Runstate.RUNNING:
+            await asyncio.shield(_give_up(monitor, job))
+
+
+async def _give_up(monitor: Monitor, job: str) -> None:
+    """Best effort: dismiss the job if it concluded, else cancel it (no id stays taken by a
+    job nobody waits for; QEMU may refuse either, which changes nothing)."""
+    with contextlib.suppress(QmpError):
+        await monitor.execute("job-dismiss", {"id": job})
+        return
+    with contextlib.suppress(QmpError):
+        await monitor.execute("job-cancel", {"id": job})
 
 
 async def save(node: QemuNode, monitor: Monitor, tag: str, what: str) -> str:
@@ -221,10 +242,8 @@ async def load_named(
     :raises QmpError: QEMU refused the state or the job failed.
     """
     path = state_file(node, name)
-    try:
-        check_regular(path, "the saved state", missing_ok=False)
-    except UnsafePathError as exc:
-        raise NodeError(node.name, str(exc)) from None
+    if await _checked_state_info(node, path) is None:
+        raise NodeError(node.name, f"the saved state {name!r} has no {STATES_DIR}/{path.name}")
     async with _attached(monitor, path):
         devices = [*node_names(disks), STATE_NODE]
         arguments = {"tag": tag_of(name), "vmstate": STATE_NODE, "devices": devices}
@@ -239,7 +258,7 @@ async def _fresh_state_file(node: QemuNode, name: str) -> Path:
     partial = directory / f".{name}.partial"
     partial.unlink(missing_ok=True)
     args = ["create", "-q", "-f", "qcow2", str(partial), "1M"]
-    done = await qemuimg.run(_qemu_img(node), args, timeout=60)
+    done = await qemuimg.run(qemu_img_of(node), args, timeout=60)
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
         raise NodeError(node.name, f"cannot make the state file {path}: {done.output}")
@@ -252,9 +271,9 @@ async def _attached(monitor: Monitor, path: Path) -> AsyncIterator[None]:
     """The qcow2 file ``path`` open in QEMU as the block node :data:`STATE_NODE` (no guest
     device sees it)."""
     image = {"driver": "file", "filename": str(path)}
-    await monitor.execute(
-        "blockdev-add", {"driver": "qcow2", "node-name": STATE_NODE, "file": image}
-    )
+    # backing null: QEMU opens no file the state file's header might name.
+    arguments = {"driver": "qcow2", "node-name": STATE_NODE, "file": image, "backing": None}
+    await monitor.execute("blockdev-add", arguments)
     try:
         yield
     finally:
@@ -284,10 +303,6 @@ async def delete(
     await run_job(node, monitor, "snapshot-delete", arguments, what)
 
 
-def _qemu_img(node: QemuNode) -> str:
-    return qemuimg.find_qemu_img(binary(node).path)
-
-
 async def named_states(node: QemuNode) -> dict[str, dict[str, Any]]:
     """The states saved under a name: each state file's snapshot of its tag (``qemu-img
     info -U``), by name. Files whose name is not a state name, or that do not hold their
@@ -298,24 +313,47 @@ async def named_states(node: QemuNode) -> dict[str, dict[str, Any]]:
     directory = node.directory / STATES_DIR
     if not directory.is_dir() or directory.is_symlink():
         return {}
-    qemu_img = _qemu_img(node)
+    qemu_img = qemu_img_of(node)
     found = {}
     for path in sorted(directory.glob("*.qcow2")):
         name = path.name.removesuffix(".qcow2")
         if state_name_problem(name) is not None:
             continue
-        try:
-            if not check_regular(path, "a saved state"):
-                continue
-            info = await qemuimg.info(qemu_img, path, image_format="qcow2")
-        except (UnsafePathError, qemuimg.QemuImgError) as exc:
-            raise NodeError(node.name, str(exc)) from None
+        info = await _checked_state_info(node, path, qemu_img)
+        if info is None:
+            continue
         snapshot = next(
             (s for s in info.get("snapshots", []) if s.get("name") == tag_of(name)), None
         )
         if snapshot is not None:
             found[name] = snapshot
     return found
+
+
+async def _checked_state_info(
+    node: QemuNode, path: Path, qemu_img: str | None = None
+) -> dict[str, Any] | None:
+    """``qemu-img info`` of a state file emu could have made: a regular file that refers to
+    no other file (no backing file, no data file: it was planted or edited otherwise).
+
+    :return: ``None`` when there is no such file.
+    :raises NodeError: the file is a link or not a plain state file.
+    """
+    try:
+        if not check_regular(path, "a saved state"):
+            return None
+        info = await qemuimg.info(qemu_img or qemu_img_of(node), path, image_format="qcow2")
+    except (UnsafePathError, qemuimg.QemuImgError) as exc:
+        raise NodeError(node.name, str(exc)) from None
+    others = referenced_files(info)
+    if others:
+        what, other = others[0]
+        raise NodeError(
+            node.name,
+            f"{STATES_DIR}/{path.name}: a saved state refers to no other file, this one names"
+            f" a {what} ({other}); delete it and save again",
+        )
+    return info
 
 
 async def delete_named(node: QemuNode, name: str) -> list[str]:
@@ -325,7 +363,7 @@ async def delete_named(node: QemuNode, name: str) -> list[str]:
     :return: the names of the files it was in (none: there was no such state).
     :raises NodeError: ``qemu-img`` failed.
     """
-    tag, qemu_img = tag_of(name), _qemu_img(node)
+    tag, qemu_img = tag_of(name), qemu_img_of(node)
     gone = []
     for drive, path in _disk_files(node).items():
         try:
@@ -336,7 +374,8 @@ async def delete_named(node: QemuNode, name: str) -> list[str]:
             raise NodeError(node.name, str(exc)) from None
         if not exists or sniff_format(path) != "qcow2":
             continue
-        info = await qemuimg.info(qemu_img, path, image_format="qcow2")
+        # Its whole chain checked, as at a start: qemu-img opens it read-write.
+        info = await check_image_chain(node, qemu_img, f"hd{drive}_disk_image", path)
         if not any(snapshot.get("name") == tag for snapshot in info.get("snapshots", [])):
             continue
         args = ["snapshot", "-q", "-d", tag, str(path)]  # a qcow2 file: its magic was read

@@ -295,3 +295,27 @@ def test_bad_snapshot_options_are_bad_input(tmp_path: Path, args: list[str], mes
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert not (tmp_path / ".emu").exists() or not any((tmp_path / ".emu").rglob("*.pid"))
+
+
+def test_a_state_file_that_names_another_file_is_refused(
+    emu_run: Any, qemu_node: Any, tmp_path: Path
+) -> None:
+    """A state file emu made refers to no other file; a planted one with a backing file
+    (here: a host file outside every image directory) is refused before QEMU opens it."""
+    secret = tmp_path / "secret.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(secret), "1M"], check=True)
+    node = emu_run(qemu_node("n", start=False))
+    states = node.directory / "states"
+    states.mkdir(parents=True)
+    create = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(secret)]
+    subprocess.run([*create, str(states / "s.qcow2")], check=True)
+
+    async def body() -> None:
+        with pytest.raises(NodeError, match=r"states/s.qcow2: .* names a backing file"):
+            await node.states()
+        with pytest.raises(NodeError, match=r"states/s.qcow2: .* names a backing file"):
+            await node.start(state="s")
+        assert node.status.value == "stopped"
+
+    emu_run(body())
+    assert processes_mentioning(str(tmp_path)) == {}
