@@ -72,15 +72,20 @@ def guest_node(lab: Session, tiny: TinyGuest, name: str, ram: int = 128, **prope
     return lab.add_node(description | properties)
 
 
-async def shell_answers(node: Node, state: str | None = None) -> float:
+async def shell_answers(node: Node, state: str | None = None, limit: float = 120.0) -> float:
     """Seconds from ``node.start(state=state)`` until the guest's shell answers Enter with
-    its prompt (pressed every 0.1 s: a restored guest printed its last prompt long ago)."""
+    its prompt (pressed every 0.1 s: a restored guest printed its last prompt long ago).
+
+    :raises TimeoutError: no prompt within ``limit`` seconds.
+    """
     began = now()
     await node.start(state=state)
     assert node.console is not None
     console = await TelnetConsole.connect(node.console.host, node.console.port)
     try:
         while True:
+            if now() - began > limit:
+                raise TimeoutError(f"{node.name}: no shell prompt within {limit:g} s")
             await console.sendline()
             try:
                 await console.expect(PROMPT, timeout=0.1)

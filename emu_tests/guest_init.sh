@@ -106,7 +106,7 @@ start_second_serial_shell() {
     (
         while :; do
             # A session leader opening the tty makes it its controlling terminal.
-            setsid sh -c 'exec sh -i </dev/ttyS1 >/dev/ttyS1 2>&1'
+            setsid sh -c 'exec sh -i </dev/ttyS1 >/dev/ttyS1 2>&1' || sleep 1
         done
     ) &
 }

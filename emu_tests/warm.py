@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -71,8 +72,8 @@ class SavedLabs:
         """
         key = (lab_file.resolve(), check)
         if key not in self._saved:
-            target = self.directory / f"lab{len(self._saved)}"
-            target.mkdir(parents=True)
+            # Its own directory, also after a lab that failed to boot or save.
+            target = Path(tempfile.mkdtemp(prefix="lab", dir=self.directory))
             copy = target / lab_file.name
             shutil.copyfile(lab_file, copy)
             saved = SavedLab(copy, target / ".emu", STATE, self.settings)

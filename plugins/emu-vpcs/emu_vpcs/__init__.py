@@ -10,7 +10,7 @@ plugin name       module               concern
 ``vpcs``          ``emu_vpcs.emulator``  the ``vpcs`` kind, its properties and settings
 ``vpcs.binary``   ``emu_vpcs.binary``    the VPCS binary and its version; ``emu check``
 ``vpcs.mac``      ``emu_vpcs.mac``       the MAC address (``-m``), unique per project
-``vpcs.network``  ``emu_vpcs.network``   the UDP tunnel; a relink restarts VPCS
+``vpcs.network``  ``emu_vpcs.network``   the UDP tunnel (``vpcs.process`` restarts VPCS on a relink)
 ``vpcs.startup``  ``emu_vpcs.startup``   ``startup.vpc`` from ``startup_script`` or ``ip``
 ``vpcs.process``  ``emu_vpcs.process``   launch on a pty, confined; stop, suspend, reload
 ``vpcs.console``  ``emu_vpcs.console``   the telnet console, served by the host

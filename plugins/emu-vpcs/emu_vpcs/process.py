@@ -90,6 +90,14 @@ async def _launch(node: VpcsNode, argv: Sequence[str], terminal: Terminal) -> Su
     slave = terminal.open_pty()
     ready = terminal.expect(PROMPT)  # before the spawn: the prompt cannot slip past
     no_tunnel = terminal.expect(_NO_TUNNEL)
+    # An exit before the prompt is this launch's failure, raised here and reported once by
+    # whoever launched; the watcher reports exits of a VPCS that came up.
+    came_up = False
+
+    def exited(returncode: int) -> None:
+        if came_up:
+            _exited(node, terminal, returncode)
+
     try:
         try:
             running = await Supervised.start(
@@ -98,7 +106,7 @@ async def _launch(node: VpcsNode, argv: Sequence[str], terminal: Terminal) -> Su
                 pidfile=node.directory / PIDFILE_NAME,
                 stdin=slave,
                 output=slave,
-                on_exit=lambda returncode: _exited(node, terminal, returncode),
+                on_exit=exited,
             )
         finally:
             # VPCS holds the only slave side now: its exit shows as a hangup.
@@ -126,6 +134,7 @@ async def _launch(node: VpcsNode, argv: Sequence[str], terminal: Terminal) -> Su
                 None,
                 terminal.tail(),
             )
+        came_up = True
         return running
     finally:
         ready.cancel()
@@ -156,9 +165,6 @@ async def restart(node: VpcsNode, argv: Sequence[str], reason: str, *, run: bool
     try:
         running = await _launch(node, argv, terminal)
     except EmuError as exc:
-        failed = node.stash.get(PROCESS, None)
-        if failed is not None:
-            failed.stopping = True  # reported here, once, not again by its watcher
         node.emulator_exited(getattr(exc, "returncode", None), terminal.tail(), str(exc))
         raise
     node.argv = list(argv)
