@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from pathlib import Path
 
 import benchlib
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.helpers
 
 from emu_qemu.contract import qemu_pid
 from emu_qemu.throttle import Throttling, set_cpu_throttling, throttling_of
@@ -38,15 +39,10 @@ from emucore.models import HostSettings, Project
 from emucore.node import Node
 from emucore.session import Session
 from emucore.telnet import TelnetConsole
+from tests.helpers import cpu_seconds
 
 COUNTER = "i=0; while :; do i=$((i+1)); [ $((i%1000)) = 0 ] && echo $i > /tmp/n; done & true"
 WARM_UP = 2.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process, all threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def turns(console: TelnetConsole) -> tuple[int, float]:
