@@ -228,6 +228,8 @@ class ControllerLabRunner(LabRunner):
         self._captures: dict[str, asyncio.Task[None]] = {}
         self._images: dict[Path, str] | None = None
         self._image_names: dict[str, str] = {}
+        # Nodes whose start the runner is doing: it publishes their statuses itself.
+        self._starting: set[str] = set()
 
     # -- building ---------------------------------------------------------------------------
 
@@ -357,6 +359,7 @@ class ControllerLabRunner(LabRunner):
 
     async def _start_node(self, node: Node) -> None:
         remote = self.remote[node.name]
+        self._starting.add(node.name)
         self._publish(node.name, NodeStatus.STARTING, f"starting on {remote.compute}")
         try:
             await self._call(
@@ -368,6 +371,8 @@ class ControllerLabRunner(LabRunner):
             if isinstance(exc, ControllerError):
                 raise NodeError(node.name, str(exc)) from None
             raise
+        finally:
+            self._starting.discard(node.name)
         self._mirror_console(node)
         self._publish(node.name, NodeStatus.STARTED, f"started on {remote.compute}")
 
@@ -417,13 +422,21 @@ class ControllerLabRunner(LabRunner):
                     self._log(action.partition(".")[2], str(event.get("message", "")))
 
     def _node_updated(self, name: str, event: dict[str, Any]) -> None:
+        """Take the controller's node JSON; publish a status change made elsewhere (the GUI,
+        a compute stopping), not one of the runner's own starts."""
         remote = self.remote[name]
-        before = remote.status
+        before = remote.node_status
         remote.answer = event
-        if before == "started" and remote.status == "stopped":
-            self._publish(name, NodeStatus.STOPPED, f"stopped on {remote.compute}")
-        elif before != remote.status and remote.status == "suspended":
-            self._publish(name, NodeStatus.SUSPENDED, "suspended")
+        after = remote.node_status
+        if after == before or name in self._starting:
+            return
+        if after == NodeStatus.STARTED:
+            assert self.session is not None
+            self._mirror_console(self.session.nodes[name])
+            verb = "resumed" if before == NodeStatus.SUSPENDED else "started"
+            self._publish(name, after, f"{verb} on {remote.compute}")
+        else:
+            self._publish(name, after, f"{after.value} on {remote.compute}")
 
     def _log(self, kind: str, message: str) -> None:
         """A compute's warning or error: about a lab node when it starts with its name."""

@@ -18,9 +18,16 @@ from aiohttp import web
 
 from emu_gns3 import controller
 from emu_gns3.controller import Controller, ControllerAccess, ControllerError, base_url
-from emu_gns3.labrun import link_problems, place, split_placement
+from emu_gns3.labrun import (
+    ControllerLabRunner,
+    RemoteNode,
+    link_problems,
+    place,
+    split_placement,
+)
 from emucore.errors import ConfigError
 from emucore.lab import load_lab
+from emucore.models import NodeEvent, NodeStatus
 from tests.conftest import run
 
 
@@ -182,3 +189,32 @@ def test_an_upload_without_an_answer_is_an_error_naming_it(
 
     with pytest.raises(ControllerError, match=r"upload of .*disk\.img"):
         run(upload())
+
+
+def test_every_status_change_the_controller_reports_is_published(tmp_path: Path) -> None:
+    lab = load_lab({"name": "l", "nodes": {"pc": {"emulator": "vpcs"}}}, "l")
+    access = ControllerAccess("http://127.0.0.1:1", "admin", "pw")
+    runner = ControllerLabRunner(lab, tmp_path / "l.toml", access=access, project_dir=tmp_path)
+    session = runner.build()
+    runner.remote["pc"] = RemoteNode("id-pc", "host-a", {"status": "stopped"})
+    events: list[NodeEvent] = []
+    session.events.subscribe(events.append)
+
+    def update(status: str) -> None:
+        answer = {"status": status, "console": 5000, "console_type": "telnet"}
+        runner._node_updated("pc", answer | {"console_host": "127.0.0.1"})
+
+    runner._starting.add("pc")  # the runner's own start publishes by itself
+    update("started")
+    runner._starting.discard("pc")
+    for status in ("started", "suspended", "started", "suspended", "stopped", "started"):
+        update(status)
+    assert [(e.status, e.message) for e in events] == [
+        (NodeStatus.SUSPENDED, "suspended on host-a"),
+        (NodeStatus.STARTED, "resumed on host-a"),
+        (NodeStatus.SUSPENDED, "suspended on host-a"),
+        (NodeStatus.STOPPED, "stopped on host-a"),
+        (NodeStatus.STARTED, "started on host-a"),
+    ]
+    assert session.nodes["pc"].console is not None
+    assert session.nodes["pc"].console.port == 5000
