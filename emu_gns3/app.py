@@ -37,7 +37,6 @@ from emu_gns3.hostload import HostLoad, memory_bytes
 from emu_gns3.interfaces import interfaces
 from emu_gns3.settings import ServeSettings
 from emucore.convert import structure
-from emucore.errors import ConfigError
 
 log = logging.getLogger("emu.gns3")
 
@@ -123,7 +122,11 @@ def _no_content() -> web.Response:
     return web.Response(status=204)
 
 
-async def _json_body(request: web.Request) -> Any:
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    """The request's body, which must be a JSON object.
+
+    :raises BadRequest: it is not JSON, or not an object.
+    """
     body = parse_json(await request.read(), f"{request.method} {request.path}")
     if not isinstance(body, dict):
         raise BadRequest(f"{request.method} {request.path}: the body must be a JSON object")
@@ -296,8 +299,6 @@ async def create_disk_image(request: web.Request) -> web.Response:
     emulator's plugins)."""
     _, entry = _node(request)
     body = await _json_body(request)
-    if not isinstance(body, dict):
-        raise ConfigError("disk image", ["$: must be an object of image options"])
     await entry.node.create_disk_image(request.match_info["disk_name"], body)
     return _no_content()
 
@@ -306,7 +307,7 @@ async def update_disk_image(request: web.Request) -> web.Response:
     """``PUT .../disk_image/{disk_name}``: ``{"extend": MiB}`` grows a stopped node's image."""
     _, entry = _node(request)
     body = await _json_body(request)
-    extend = body.get("extend") if isinstance(body, dict) else None
+    extend = body.get("extend")
     if extend is not None:
         await entry.node.resize_disk_image(request.match_info["disk_name"], extend)
     return _no_content()
