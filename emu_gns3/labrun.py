@@ -230,6 +230,7 @@ class ControllerLabRunner(LabRunner):
         self._image_names: dict[str, str] = {}
         # Nodes whose start the runner is doing: it publishes their statuses itself.
         self._starting: set[str] = set()
+        self._names: dict[str, str] = {}  # node id -> name, for the notifications
 
     # -- building ---------------------------------------------------------------------------
 
@@ -275,9 +276,9 @@ class ControllerLabRunner(LabRunner):
                 "properties": await self._properties(node),
             }
             answer = await self._call(node_name, "POST", self._path("nodes"), body)
-            self.remote[node_name] = RemoteNode(
-                str(answer["node_id"]), str(compute.get("name")), answer
-            )
+            remote = RemoteNode(str(answer["node_id"]), str(compute.get("name")), answer)
+            self.remote[node_name] = remote
+            self._names[remote.node_id] = node_name
         for spec in self.lab.links:
             ends = [
                 {"node_id": self.remote[n].node_id, "adapter_number": a, "port_number": 0}
@@ -412,8 +413,8 @@ class ControllerLabRunner(LabRunner):
                 notification = json.loads(message.data)
                 action, event = notification["action"], notification["event"]
                 if action == "node.updated":
-                    by_id = {remote.node_id: name for name, remote in self.remote.items()}
-                    name = by_id.get(str(event.get("node_id")))
+                    # None for a node not yet created here: its creation's answer has it.
+                    name = self._names.get(str(event.get("node_id")))
                     if name is not None:
                         self._node_updated(name, event)
                         async with self._changed:
