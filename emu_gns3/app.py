@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,7 +32,7 @@ from emu_gns3.bodies import (
 )
 from emu_gns3.compute import Compute, ComputeProject, NodeEntry
 from emu_gns3.errors import BadRequest, Conflict, Unauthorized, error_response
-from emu_gns3.hostload import HostLoad, memory_bytes
+from emu_gns3.hostload import HostLoad, disk_size, memory_bytes
 from emu_gns3.interfaces import interfaces
 from emu_gns3.settings import ServeSettings
 from emucore.convert import structure
@@ -140,23 +139,16 @@ async def capabilities(request: web.Request) -> web.Response:
     """``GET /capabilities``: the version the controller checks, the node types served."""
     compute = _compute(request)
     settings = request.app[SETTINGS]
-    disk = shutil.disk_usage(_existing(compute.projects_dir))
     return web.json_response(
         {
             "version": settings.version,
             "platform": sys.platform,
             "cpus": os.cpu_count() or 1,
             "memory": memory_bytes(),
-            "disk_size": disk.total,
+            "disk_size": disk_size(compute.projects_dir),
             "node_types": compute.node_types(),
         }
     )
-
-
-def _existing(path: Any) -> Any:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 async def version(request: web.Request) -> web.Response:
