@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,11 +32,10 @@ from emu_gns3.bodies import (
 )
 from emu_gns3.compute import Compute, ComputeProject, NodeEntry
 from emu_gns3.errors import BadRequest, Conflict, Unauthorized, error_response
-from emu_gns3.hostload import HostLoad, memory_bytes
+from emu_gns3.hostload import HostLoad, disk_size, memory_bytes
 from emu_gns3.interfaces import interfaces
 from emu_gns3.settings import ServeSettings
 from emucore.convert import structure
-from emucore.errors import ConfigError
 
 log = logging.getLogger("emu.gns3")
 
@@ -123,7 +121,11 @@ def _no_content() -> web.Response:
     return web.Response(status=204)
 
 
-async def _json_body(request: web.Request) -> Any:
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    """The request's body, which must be a JSON object.
+
+    :raises BadRequest: it is not JSON, or not an object.
+    """
     body = parse_json(await request.read(), f"{request.method} {request.path}")
     if not isinstance(body, dict):
         raise BadRequest(f"{request.method} {request.path}: the body must be a JSON object")
@@ -137,23 +139,16 @@ async def capabilities(request: web.Request) -> web.Response:
     """``GET /capabilities``: the version the controller checks, the node types served."""
     compute = _compute(request)
     settings = request.app[SETTINGS]
-    disk = shutil.disk_usage(_existing(compute.projects_dir))
     return web.json_response(
         {
             "version": settings.version,
             "platform": sys.platform,
             "cpus": os.cpu_count() or 1,
             "memory": memory_bytes(),
-            "disk_size": disk.total,
+            "disk_size": disk_size(compute.projects_dir),
             "node_types": compute.node_types(),
         }
     )
-
-
-def _existing(path: Any) -> Any:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 async def version(request: web.Request) -> web.Response:
@@ -296,8 +291,6 @@ async def create_disk_image(request: web.Request) -> web.Response:
     emulator's plugins)."""
     _, entry = _node(request)
     body = await _json_body(request)
-    if not isinstance(body, dict):
-        raise ConfigError("disk image", ["$: must be an object of image options"])
     await entry.node.create_disk_image(request.match_info["disk_name"], body)
     return _no_content()
 
@@ -306,7 +299,7 @@ async def update_disk_image(request: web.Request) -> web.Response:
     """``PUT .../disk_image/{disk_name}``: ``{"extend": MiB}`` grows a stopped node's image."""
     _, entry = _node(request)
     body = await _json_body(request)
-    extend = body.get("extend") if isinstance(body, dict) else None
+    extend = body.get("extend")
     if extend is not None:
         await entry.node.resize_disk_image(request.match_info["disk_name"], extend)
     return _no_content()

@@ -53,11 +53,13 @@ class NodeEntry:
     :ivar captures: the capture file of each captured adapter.
     :ivar info: what the node's plugins last reported beside its properties
         (``Node.info()``: image checksums, the aux console's port), shown in the node JSON.
+    :ivar refreshing: the running refresh of ``info``, if any (a newer one cancels it).
     """
 
     node: Node
     captures: dict[int, Path] = attrs.Factory(dict)
     info: dict[str, Any] = attrs.Factory(dict)
+    refreshing: asyncio.Task[None] | None = None
 
     def public_console(self) -> int | None:
         """The ``console`` port GNS3 shows: the real one while the node runs, else the
@@ -109,8 +111,12 @@ class ComputeProject:
 
     def refresh_info(self, entry: NodeEntry) -> None:
         """Ask the node's plugins again (in the background: a first checksum of a large
-        image takes seconds) and send ``node.updated`` when the answer changed."""
+        image takes seconds) and send ``node.updated`` when the answer changed. A refresh
+        still running is cancelled: its answer, finishing later, would be older."""
+        if entry.refreshing is not None:
+            entry.refreshing.cancel()
         task = asyncio.get_running_loop().create_task(self._refresh(entry))
+        entry.refreshing = task
         self._refreshing.add(task)
         task.add_done_callback(self._refreshing.discard)
 

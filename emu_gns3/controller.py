@@ -24,6 +24,9 @@ from emucore.errors import ConfigError, EmuError
 # Node starts on a compute wait for the emulator; GNS3's controller itself allows 240 s.
 REQUEST_TIMEOUT = 300.0
 CONNECT_TIMEOUT = 15.0
+# An image upload takes as long as its size needs (no total limit); once the bytes are
+# sent, the controller may still hash and store them before it answers.
+UPLOAD_READ_TIMEOUT = 300.0
 
 
 class ControllerError(EmuError):
@@ -104,6 +107,11 @@ class Controller:
         except aiohttp.ClientError as exc:
             await http.close()
             raise ControllerError(f"cannot reach the GNS3 controller {access.url}: {exc}") from None
+        except TimeoutError:
+            await http.close()
+            raise ControllerError(
+                f"the GNS3 controller {access.url} did not answer the login in time"
+            ) from None
         except BaseException:
             await http.close()
             raise
@@ -130,16 +138,24 @@ class Controller:
     async def upload(self, path: str, file: Path) -> Any:
         """``POST`` the file's bytes to ``path`` (an image upload); the decoded answer.
 
+        The upload has no total time limit (a large image over a slow link takes long); only
+        connecting and each wait for the answer's bytes are bounded.
+
         :raises ControllerError: as :meth:`call`.
         """
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=UPLOAD_READ_TIMEOUT
+        )
         try:
             with file.open("rb") as content:
                 async with self._http.post(
-                    self._api + path, data=content, headers=self._headers
+                    self._api + path, data=content, headers=self._headers, timeout=timeout
                 ) as answer:
                     decoded = await _body(answer)
         except aiohttp.ClientError as exc:
             raise ControllerError(f"upload of {file}: {exc}") from None
+        except TimeoutError:
+            raise ControllerError(f"upload of {file}: {self.url} did not answer in time") from None
         if answer.status >= 400:
             raise ControllerError(f"upload of {file}: {_message(decoded)}", answer.status)
         return decoded
@@ -175,6 +191,10 @@ class Controller:
             return await self._http.ws_connect(url, params={"token": self.token}, heartbeat=30)
         except aiohttp.ClientError as exc:
             raise ControllerError(f"project notifications of {project_id}: {exc}") from None
+        except TimeoutError:
+            raise ControllerError(
+                f"project notifications of {project_id}: {self.url} did not answer in time"
+            ) from None
 
     async def close(self) -> None:
         """End the HTTP session."""

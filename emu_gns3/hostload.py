@@ -83,14 +83,25 @@ def memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def disk_size(path: Path) -> int:
+    """The size in bytes of the file system holding ``path`` (or its nearest existing
+    parent)."""
+    return shutil.disk_usage(_nearest_existing(path)).total
+
+
 def disk_percent(path: Path) -> float:
     """How full the file system holding ``path`` (or its nearest existing parent) is."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    usage = shutil.disk_usage(path)
+    usage = shutil.disk_usage(_nearest_existing(path))
     # shutil's free is what users may still write (f_bavail): df's "Use%" is used/(used+avail).
     room = usage.used + usage.free
     return 100.0 * usage.used / room if room else 0.0
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest parent that exists (a directory not made yet)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def check_memory(node: Node) -> None:

@@ -228,6 +228,9 @@ class ControllerLabRunner(LabRunner):
         self._captures: dict[str, asyncio.Task[None]] = {}
         self._images: dict[Path, str] | None = None
         self._image_names: dict[str, str] = {}
+        # Nodes whose start the runner is doing: it publishes their statuses itself.
+        self._starting: set[str] = set()
+        self._names: dict[str, str] = {}  # node id -> name, for the notifications
 
     # -- building ---------------------------------------------------------------------------
 
@@ -273,9 +276,9 @@ class ControllerLabRunner(LabRunner):
                 "properties": await self._properties(node),
             }
             answer = await self._call(node_name, "POST", self._path("nodes"), body)
-            self.remote[node_name] = RemoteNode(
-                str(answer["node_id"]), str(compute.get("name")), answer
-            )
+            remote = RemoteNode(str(answer["node_id"]), str(compute.get("name")), answer)
+            self.remote[node_name] = remote
+            self._names[remote.node_id] = node_name
         for spec in self.lab.links:
             ends = [
                 {"node_id": self.remote[n].node_id, "adapter_number": a, "port_number": 0}
@@ -357,6 +360,7 @@ class ControllerLabRunner(LabRunner):
 
     async def _start_node(self, node: Node) -> None:
         remote = self.remote[node.name]
+        self._starting.add(node.name)
         self._publish(node.name, NodeStatus.STARTING, f"starting on {remote.compute}")
         try:
             await self._call(
@@ -368,6 +372,8 @@ class ControllerLabRunner(LabRunner):
             if isinstance(exc, ControllerError):
                 raise NodeError(node.name, str(exc)) from None
             raise
+        finally:
+            self._starting.discard(node.name)
         self._mirror_console(node)
         self._publish(node.name, NodeStatus.STARTED, f"started on {remote.compute}")
 
@@ -407,8 +413,8 @@ class ControllerLabRunner(LabRunner):
                 notification = json.loads(message.data)
                 action, event = notification["action"], notification["event"]
                 if action == "node.updated":
-                    by_id = {remote.node_id: name for name, remote in self.remote.items()}
-                    name = by_id.get(str(event.get("node_id")))
+                    # None for a node not yet created here: its creation's answer has it.
+                    name = self._names.get(str(event.get("node_id")))
                     if name is not None:
                         self._node_updated(name, event)
                         async with self._changed:
@@ -417,13 +423,21 @@ class ControllerLabRunner(LabRunner):
                     self._log(action.partition(".")[2], str(event.get("message", "")))
 
     def _node_updated(self, name: str, event: dict[str, Any]) -> None:
+        """Take the controller's node JSON; publish a status change made elsewhere (the GUI,
+        a compute stopping), not one of the runner's own starts."""
         remote = self.remote[name]
-        before = remote.status
+        before = remote.node_status
         remote.answer = event
-        if before == "started" and remote.status == "stopped":
-            self._publish(name, NodeStatus.STOPPED, f"stopped on {remote.compute}")
-        elif before != remote.status and remote.status == "suspended":
-            self._publish(name, NodeStatus.SUSPENDED, "suspended")
+        after = remote.node_status
+        if after == before or name in self._starting:
+            return
+        if after == NodeStatus.STARTED:
+            assert self.session is not None
+            self._mirror_console(self.session.nodes[name])
+            verb = "resumed" if before == NodeStatus.SUSPENDED else "started"
+            self._publish(name, after, f"{verb} on {remote.compute}")
+        else:
+            self._publish(name, after, f"{after.value} on {remote.compute}")
 
     def _log(self, kind: str, message: str) -> None:
         """A compute's warning or error: about a lab node when it starts with its name."""

@@ -79,7 +79,7 @@ async def serve(settings: ServeSettings, host_settings: HostSettings) -> None:
     """Serve until SIGTERM or SIGINT; then close every project (stopping every node)."""
     from aiohttp import web
 
-    from emu_gns3.app import close_websockets, make_app
+    from emu_gns3.app import make_app
     from emu_gns3.compute import Compute
     from emucore.plugins import make_plugin_manager
 
@@ -109,7 +109,7 @@ async def serve(settings: ServeSettings, host_settings: HostSettings) -> None:
     finally:
         with contextlib.suppress(Exception):
             await compute.close()
-        await close_websockets(runner.app)  # before the shutdown, which would wait for them
+        # Closes the WebSockets (on_shutdown) before it waits for the handlers to end.
         await runner.cleanup()
         for number in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(number)
