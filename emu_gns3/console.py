@@ -74,20 +74,13 @@ async def bridge(ws: web.WebSocketResponse, node: Node) -> None:
 
 
 async def reset(node: Node) -> None:
-    """Restart the node's console server: every client is disconnected, the port stays.
+    """Restart the node's console server: every client is disconnected, the port stays (the
+    server keeps listening: a stop meanwhile closes it for good).
 
     A node that does not run, or whose console no telnet server serves, has nothing to
     reset (GNS3's compute answers such a request with success too).
-
-    :raises Conflict: the port could not be bound again.
     """
     server = node.stash.get(CONSOLE_SERVER, None)
     if server is None or not node.is_running:
         return
-    try:
-        await server.restart()
-    except OSError as exc:
-        raise Conflict(
-            f"node {node.name!r}: the console could not listen again on port {server.port}:"
-            f" {exc.strerror or exc}"
-        ) from None
+    await server.restart()

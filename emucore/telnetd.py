@@ -169,29 +169,23 @@ class TelnetServer:
         """Stop listening and disconnect every client."""
         if self._server is not None:
             self._server.close()
+        await self._disconnect_clients()
+        self._sock.close()
+
+    async def restart(self) -> None:
+        """Disconnect every client, go on listening on the same socket and serving the same
+        console: what a client left behind (a stuck session, a half-read negotiation) is
+        gone, while the emulator and the console's log and input are untouched. The port is
+        never let go meanwhile, and a server closed meanwhile (its node stopped) stays
+        closed."""
+        await self._disconnect_clients()
+
+    async def _disconnect_clients(self) -> None:
         # Abort, not cancel: a cancelled handler task makes asyncio's streams log an error.
         for transport in self._clients.values():
             transport.abort()
         if self._clients:
             await asyncio.wait(list(self._clients), timeout=5)
-        self._sock.close()
-
-    async def restart(self) -> None:
-        """Disconnect every client and listen again on the same address, serving the same
-        console: what a client left behind (a stuck session, a half-read negotiation) is
-        gone, while the emulator and the console's log and input are untouched.
-
-        :raises OSError: the port cannot be bound again (another program took it between).
-        """
-        console = self._console
-        sock = self._sock
-        family, kind, proto = sock.family, sock.type, sock.proto
-        address = sock.getsockname()
-        await self.close()
-        self._server = None
-        self._sock = _listen(family, kind, proto, address)
-        if console is not None:
-            await self.serve(console)
 
 
 CONSOLE_SERVER = StashKey[TelnetServer]()
