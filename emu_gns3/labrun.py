@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import secrets
 import sys
@@ -48,6 +47,7 @@ import attrs
 from emu_gns3 import filters as gns3_filters
 from emu_gns3.controller import Controller, ControllerAccess, ControllerError
 from emucore.convert import default_converter, structure
+from emucore.digests import md5
 from emucore.errors import ConfigError, EmuError, NodeError
 from emucore.files import create_file
 from emucore.lab import CheckSpec, LabSpec, parse_endpoint
@@ -346,7 +346,7 @@ class ControllerLabRunner(LabRunner):
             self._image_names = {str(i["checksum"]): str(i["filename"]) for i in listing}
         if path in self._images:
             return self._images[path]
-        checksum = await asyncio.to_thread(_md5, path)
+        checksum = await md5(path)  # as the controller lists its images by; read once
         name = self._image_names.get(checksum)
         if name is None:
             name = path.name
@@ -575,12 +575,6 @@ async def _connect(controller: Controller, computes: Sequence[Mapping[str, Any]]
     ids = [str(c["compute_id"]) for c in computes]
     problems = await asyncio.gather(*(connect(i) for i in ids))
     return {i: problem for i, problem in zip(ids, problems, strict=True) if problem}
-
-
-def _md5(path: Path) -> str:
-    """The file's MD5, as the controller lists its images by."""
-    with path.open("rb") as image:
-        return hashlib.file_digest(image, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 async def _write(chunks: Any, path: Path) -> None:
