@@ -294,7 +294,9 @@ class Node(Generic[P, S]):
             finally:
                 self.closed = True
 
-    async def reconfigure(self, config: NodeConfig, adapter_count: int) -> None:
+    async def reconfigure(
+        self, config: NodeConfig, adapter_count: int, check: Callable[[], None] | None = None
+    ) -> None:
         """Replace the description of a node (validated by the host, e.g. with
         :meth:`Session.update_node <emucore.session.Session.update_node>`).
 
@@ -306,6 +308,9 @@ class Node(Generic[P, S]):
 
         :param config: the new description; its ``id`` and ``emulator`` must not change.
         :param adapter_count: the adapter count of the new properties.
+        :param check: called once the node has the new description, before a running node
+            takes it live (the host's checks: plugins, claims); when it raises, the node
+            gets its previous description back and nothing was applied.
         :raises NodeStateError: the node was closed, or runs and a property that cannot
             change live would change (nothing is changed then).
         :raises NodeError: an adapter that would disappear is connected.
@@ -315,7 +320,7 @@ class Node(Generic[P, S]):
             if config.id != self.config.id or config.emulator != self.emulator:
                 raise NodeError(self.name, "the node id and the emulator cannot change")
             if self.is_running:
-                await self._reconfigure_running(config)
+                await self._reconfigure_running(config, check)
                 return
             self._require(NodeStatus.STOPPED, "change the node")
             connected = [a.number for a in self.adapters[adapter_count:] if a.nio is not None]
@@ -325,13 +330,22 @@ class Node(Generic[P, S]):
                     f"adapter {connected[0]} is connected; disconnect it before lowering the"
                     f" adapter count to {adapter_count}",
                 )
+            previous, adapters = self.config, self.adapters
             self.config = config
             self.adapters = tuple(
                 self.adapters[n] if n < len(self.adapters) else Adapter(n, config.nios.get(n))
                 for n in range(adapter_count)
             )
+            try:
+                if check is not None:
+                    check()
+            except BaseException:
+                self.config, self.adapters = previous, adapters
+                raise
 
-    async def _reconfigure_running(self, config: NodeConfig) -> None:
+    async def _reconfigure_running(
+        self, config: NodeConfig, check: Callable[[], None] | None
+    ) -> None:
         changed = frozenset(changed_properties(self.config.properties, config.properties))
         live = self.hooks.live_properties(self) if changed else set()
         refused = sorted(changed - live)
@@ -344,11 +358,12 @@ class Node(Generic[P, S]):
             )
         previous = self.config
         self.config = config
-        if not changed:
-            return
         try:
-            work = self.hooks.update_running(self, previous.properties, changed)
-            await self._guard("change", work)
+            if check is not None:
+                check()  # before anything is applied to the running emulator
+            if changed:
+                work = self.hooks.update_running(self, previous.properties, changed)
+                await self._guard("change", work)
         except BaseException:
             self.config = previous
             raise

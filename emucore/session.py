@@ -212,7 +212,8 @@ class Session:
 
         The node's current properties, overlaid with ``changes``, are validated like a new
         description (every bad field reported at once), then the emulator's plugins check the
-        node again (``emu_node_created``); on any failure the node stays as it was. A running
+        node again (``emu_node_created``, and its claims) before a running node takes the
+        change; on any failure the node stays as it was. A running
         node takes only the properties its plugins can change live (``emu_live_properties``,
         applied through ``emu_update_running``, see :meth:`Node.reconfigure
         <emucore.node.Node.reconfigure>`); the name may always change.
@@ -231,14 +232,20 @@ class Session:
         config = self.node_config(description, emulator=node.emulator, where=where)
         if config.name != name and config.name in self.nodes:
             raise ConfigError(where or f"node {name!r}", ["$.name: a node with this name exists"])
-        previous = node.config
-        await node.reconfigure(config, config.properties.adapter_count)
-        self.claims.release(node)  # claimed again for what the node is now
+        released = False
+
+        def check() -> None:  # the node has the new description now, nothing applied yet
+            nonlocal released
+            self.claims.release(node)  # claimed again for what the node is now
+            released = True
+            self._created(node)
+
         try:
-            self._created(node)
+            await node.reconfigure(config, config.properties.adapter_count, check)
         except BaseException:
-            await node.reconfigure(previous, previous.properties.adapter_count)
-            self._created(node)
+            if released:  # the node has its previous description back: claim for it again
+                self.claims.release(node)
+                self._created(node)
             raise
         del self.nodes[name]
         self.nodes[config.name] = node

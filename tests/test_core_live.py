@@ -152,6 +152,30 @@ def test_a_failed_live_change_leaves_the_previous_description(tmp_path: Path) ->
     asyncio.run(body())
 
 
+def test_a_change_the_plugins_refuse_is_never_applied_live(tmp_path: Path) -> None:
+    """``emu_node_created`` checks the new description before the running emulator gets it."""
+    live = LiveFlavour()
+
+    class NoSpice:
+        EMULATOR = "toy"
+
+        @hookimpl
+        def emu_node_created(self, node: Node) -> None:
+            if node.properties.flavour == "spicy":
+                raise ConfigError(f"node {node.name!r}", ["$.flavour: no spice here"])
+
+    async def body() -> None:
+        async with session_with(tmp_path, ("live", live), ("nospice", NoSpice())) as session:
+            node = session.add_node({"name": "n1", "emulator": "toy"})
+            await node.start()
+            with pytest.raises(ConfigError, match="no spice here"):
+                await session.update_node("n1", {"flavour": "spicy"})
+            assert node.properties.flavour == "plain"
+            assert live.applied == []  # the emulator never saw the refused change
+
+    asyncio.run(body())
+
+
 @pytest.mark.parametrize(
     ("name", "problem"),
     [
