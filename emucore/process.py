@@ -317,8 +317,9 @@ class Supervised:
         """
         self.stopping = True
         returncode = await terminate(self.process, grace)
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._watcher
+        # Wait for the watcher without awaiting it: a cancel aimed at the caller must reach
+        # the caller, not be swallowed here (nor cancel the watcher).
+        await asyncio.wait({self._watcher})
         if self.pidfile is not None:
             self.pidfile.unlink(missing_ok=True)
         return returncode
