@@ -281,7 +281,12 @@ class Supervised:
             pass_fds=pass_fds,
         )
         if pidfile is not None:
-            write_pidfile(pidfile, process.pid, str(cwd or ""))
+            try:
+                write_pidfile(pidfile, process.pid, str(cwd or ""))
+            except BaseException:
+                # Nothing would be left to stop it: a read-only or full disk ends the child here.
+                await asyncio.shield(terminate(process))
+                raise
         return cls(process, pidfile, on_exit)
 
     @property

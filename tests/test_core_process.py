@@ -4,10 +4,12 @@ goes wrong around them (a cancel aimed at the caller, a pidfile that cannot be w
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import emucore.process
 from emucore.process import Supervised
 
 
@@ -31,5 +33,27 @@ def test_a_cancel_during_stop_reaches_the_caller_and_spares_the_watcher(emu_run:
         release.set()
         await supervised._watcher
         await real_watcher
+
+    emu_run(body())
+
+
+def test_a_pidfile_that_cannot_be_written_ends_the_child_it_was_for(
+    emu_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned: list[asyncio.subprocess.Process] = []
+    real_spawn = emucore.process.spawn
+
+    async def recording_spawn(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        spawned.append(await real_spawn(*args, **kwargs))
+        return spawned[-1]
+
+    monkeypatch.setattr("emucore.process.spawn", recording_spawn)
+    unwritable = tmp_path / "missing" / "node.pid"  # its directory does not exist
+
+    async def body() -> None:
+        with pytest.raises(FileNotFoundError):
+            await Supervised.start(["sleep", "600"], pidfile=unwritable)
+        assert len(spawned) == 1
+        assert spawned[0].returncode is not None  # ended, not left running unowned
 
     emu_run(body())
