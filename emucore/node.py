@@ -46,6 +46,7 @@ from emucore.models import (
 from emucore.ports import PortAllocator
 from emucore.records import SavedState
 from emucore.stash import Stash
+from emucore.tasks import finish
 
 log = logging.getLogger("emu")
 
@@ -215,8 +216,9 @@ class Node(Generic[P, S]):
                 await self.hooks.start(self, self.argv)
                 await self.hooks.started(self)
             except BaseException as exc:
-                # Shielded: a cancelled start (Ctrl-C) must still take its processes down.
-                await asyncio.shield(self._stop_after_failure())
+                # A cancelled start (Ctrl-C) must still take its processes down, and keep
+                # the lock until they are down, however often it is cancelled again.
+                await finish(self._stop_after_failure())
                 if isinstance(exc, EmuError | asyncio.CancelledError):
                     raise
                 if isinstance(exc, Exception):
@@ -243,7 +245,7 @@ class Node(Generic[P, S]):
             return
         self._set_status(NodeStatus.STOPPING)
         try:
-            await asyncio.shield(self._stop_hooks())
+            await finish(self._stop_hooks())
         finally:
             self.console = None
             self._set_status(NodeStatus.STOPPED)

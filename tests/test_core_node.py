@@ -119,6 +119,42 @@ def test_a_cancelled_start_still_stops_what_it_started(tmp_path: Path) -> None:
     assert ("stop", "n1") in toy.calls
 
 
+def test_a_start_cancelled_again_during_its_cleanup_waits_for_it(tmp_path: Path) -> None:
+    """Ctrl-C cancels again and again (see emucore.cli): the start must keep the node's lock
+    until its cleanup ended, or node.close runs the stop hooks a second time alongside."""
+
+    async def work(session: Session, node: Node, toy: Any) -> None:
+        started = toy.entered["start"] = asyncio.Event()
+        stopping = toy.entered["stop"] = asyncio.Event()
+        task = asyncio.create_task(node.start())
+        await started.wait()
+        task.cancel()
+        await stopping.wait()  # the cleanup runs (its hook sleeps for the delay)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert node.status is S.STOPPED  # the cleanup ended before the start did
+
+    toy, _ = run(work, tmp_path, delay=0.3)
+    assert toy.overlaps == []  # node.close did not stop it a second time alongside
+    assert [n for n, _ in toy.calls].count("stop") == 1
+
+
+def test_a_cancelled_stop_still_ends_its_hooks_before_it_leaves(tmp_path: Path) -> None:
+    async def work(session: Session, node: Node, toy: Any) -> None:
+        await node.start()
+        stopping = toy.entered["stop"] = asyncio.Event()
+        task = asyncio.create_task(node.stop())
+        await stopping.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert node.status is S.STOPPED
+
+    toy, _ = run(work, tmp_path, delay=0.3)
+    assert toy.overlaps == []  # close (at the session's end) came after the stop hook
+
+
 def test_an_emulator_exit_stops_the_node_and_reports_the_log(tmp_path: Path) -> None:
     async def work(session: Session, node: Node, toy: Any) -> None:
         await node.start()
