@@ -31,7 +31,7 @@ from emucore.errors import (
     StateUnsupportedError,
 )
 from emucore.events import EventBus
-from emucore.files import prepare_for_child, private_dir
+from emucore.files import capture_directory, prepare_for_child, private_dir
 from emucore.hooks import NodeHooks
 from emucore.models import (
     Adapter,
@@ -511,6 +511,11 @@ class Node(Generic[P, S]):
     async def start_capture(self, adapter: int, path: Path) -> None:
         """Write the frames crossing ``adapter`` to the pcap file ``path``.
 
+        :param path: inside the project directory, the directories on its way are made
+            (0700) and a link planted among them is refused; outside it (a place the host
+            program chose, e.g. next to a lab file), its directory must exist.
+        :raises UnsafePathError: see :func:`~emucore.files.capture_directory`; the message
+            names the capture file.
         :raises NodeStateError: the node is not running, or the adapter is captured already.
         :raises CaptureUnsupportedError: no plugin can capture on this adapter.
         """
@@ -524,7 +529,7 @@ class Node(Generic[P, S]):
                     " stop that capture first",
                 )
             path = Path(path).absolute()
-            path.parent.mkdir(parents=True, exist_ok=True)
+            capture_directory(self.project.directory, path)
             # The emulator opens the file by name: leave it a fresh regular file, so a link
             # planted there is never followed.
             prepare_for_child(path)
