@@ -77,7 +77,11 @@ class Hierarchy:
         return f"cgroup v{self.version}"
 
     def group(self, name: str) -> CpuGroup:
-        """The group ``emu/<name>`` (which may not exist)."""
+        """The group ``emu/<name>`` (which may not exist).
+
+        :raises CgroupError: ``name`` is empty, holds ``/``, starts with ``.`` (``..``
+            included) or is longer than 200 characters.
+        """
         return CpuGroup(self, name)
 
     def describe(self, name: str = "<name>") -> str:
@@ -200,7 +204,15 @@ class CpuGroup:
     """
 
     hierarchy: Hierarchy
-    name: str
+    name: str = attrs.field()
+
+    @name.validator
+    def _check_name(self, _: object, name: str) -> None:
+        # The name becomes a directory under emu/: never another place, nor a hidden one.
+        if not name or name.startswith(".") or "/" in name or "\0" in name or len(name) > 200:
+            raise CgroupError(
+                f"{name!r} cannot name a cgroup: use 1-200 characters, no '/', no leading '.'"
+            )
 
     @property
     def path(self) -> Path:

@@ -142,6 +142,16 @@ def cgroup_dir(path: Path, controllers: str = "") -> Path:
     return path
 
 
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "../../x", "", "a\0b", "x" * 201])
+def test_a_group_name_that_is_not_one_directory_under_emu_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    hierarchy = Hierarchy(1, tmp_path, tmp_path)
+    with pytest.raises(CgroupError, match="cannot name a cgroup"):
+        hierarchy.group(name)
+    assert hierarchy.group("node-1.a_b").path == tmp_path / PARENT / "node-1.a_b"
+
+
 def test_v2_wins_where_it_has_the_cpu_controller(tmp_path: Path) -> None:
     v2 = cgroup_dir(tmp_path / "unified", "cpuset cpu io memory")
     mounts = mounts_file(
