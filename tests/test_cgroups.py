@@ -104,6 +104,20 @@ def test_a_leftover_group_is_emptied_and_removed_before_a_new_one_is_made(
     assert fresh.quota_percent() == 0  # a new group, not the old one
 
 
+def test_remove_kills_no_process_that_is_not_in_the_group(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pid read from cgroup.procs may be reused by a stranger before it is killed: the
+    reuse is made here by a group whose cgroup.procs lists a process that is not in it (a
+    made-up v1 hierarchy in a temporary directory: no kernel file to lie)."""
+    group = Hierarchy(1, tmp_path, tmp_path).group("node")
+    group.path.mkdir(parents=True)
+    (group.path / "cgroup.procs").write_text(f"{sleeper.pid}\n")
+    monkeypatch.setattr(Path, "rmdir", lambda self: None)  # not a cgroup: nothing to remove
+    assert asyncio.run(group.remove(timeout=5)) == []
+    assert sleeper.poll() is None  # spared
+
+
 def test_an_empty_leftover_is_removed(cgroup_hierarchy: Hierarchy, group_name: str) -> None:
     group = asyncio.run(make_group(cgroup_hierarchy, group_name))
     assert group.exists()
