@@ -37,6 +37,7 @@ from emucore.pcap import icmp_echoes, read_frames
 from emucore.plugins import make_plugin_manager
 from emucore.relay import SIDES
 from emucore.session import Session
+from emucore.tasks import all_ended
 from emucore.telnet import TelnetConsole
 
 STATE_NAME = "state.json"
@@ -282,17 +283,12 @@ class LabRunner:
 
         # Nodes started afresh first: they boot, where the others only load a state.
         nodes = sorted(session.nodes.values(), key=lambda node: node.name in resuming)
-        results = await asyncio.gather(*(start_one(node) for node in nodes), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            raise failures[0]
+        await all_ended(start_one(node) for node in nodes)
         self.restored = resuming
-        await asyncio.gather(
-            *(
-                self._after_restore[name](session.node(name))
-                for name in resuming
-                if name in self._after_restore
-            )
+        await all_ended(
+            self._after_restore[name](session.node(name))
+            for name in resuming
+            if name in self._after_restore
         )
         for index, capture in enumerate(self.lab.captures):
             await self._start_capture(index, capture.endpoint, capture.file)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
@@ -26,6 +26,7 @@ from emucore.models import NodeStatus
 from emucore.node import Node, state_name_problem
 from emucore.records import SavedState
 from emucore.session import Session
+from emucore.tasks import all_ended
 
 FRESH_NOTE = "{kind} cannot save a running state: started afresh with its startup configuration"
 
@@ -94,21 +95,13 @@ async def save(session: Session, name: str) -> list[str]:
     fresh = [session.nodes[n] for n, states in known.items() if states is None]
     paused = [node for node in saving if node.status is NodeStatus.STARTED]
     try:
-        await _all(node.suspend() for node in paused)
-        await _all(node.save_state(name) for node in saving)
+        await all_ended(node.suspend() for node in paused)
+        await all_ended(node.save_state(name) for node in saving)
     finally:
         await asyncio.gather(*(node.resume() for node in paused), return_exceptions=True)
     for node in fresh:
         node.emit("info", f"not saved: {FRESH_NOTE.format(kind=node.emulator)} at a restore")
     return [node.name for node in fresh]
-
-
-async def _all(work: Iterable[Awaitable[object]]) -> None:
-    """Await everything in ``work`` concurrently; raise the first failure once all ended."""
-    results = await asyncio.gather(*work, return_exceptions=True)
-    failures = [r for r in results if isinstance(r, BaseException)]
-    if failures:
-        raise failures[0]
 
 
 async def restore_plan(session: Session, name: str, where: str) -> tuple[list[str], list[str]]:
@@ -170,7 +163,7 @@ async def delete(session: Session, name: str, where: str) -> int:
         raise ConfigError(where, [f"no snapshot called {name!r} (snapshots: {have})"])
     holders = [session.nodes[node] for node in snapshot.states]
     before = sum(_allocated(node.directory) for node in holders)
-    await _all(node.delete_state(name) for node in holders)
+    await all_ended(node.delete_state(name) for node in holders)
     return max(0, before - sum(_allocated(node.directory) for node in holders))
 
 

@@ -1,5 +1,9 @@
 """Asyncio helpers for work that must end before its caller moves on.
 
+:func:`all_ended` awaits several pieces of work and raises the first failure only once every
+one ended: a failure never leaves the others running while the caller cleans up (stops the
+nodes, closes the session).
+
 A cancel (Ctrl-C) can reach a task several times: the CLI cancels again until the lab is
 stopping, because Python 3.11's ``wait_for`` can lose a cancel. ``asyncio.shield`` alone
 protects the shielded work but lets the caller leave at the next cancel, with the work
@@ -10,7 +14,7 @@ waits however often it is cancelled, then passes the cancel on.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -35,3 +39,14 @@ async def finish(work: Awaitable[T]) -> T:
             task.exception()  # marked as seen: the caller hears of the cancel
         raise cancel
     return task.result()
+
+
+async def all_ended(work: Iterable[Awaitable[object]]) -> None:
+    """Await everything in ``work`` concurrently; raise the first failure once all ended.
+
+    :raises BaseException: the first failure, in the order of ``work``.
+    """
+    results = await asyncio.gather(*work, return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise failures[0]
