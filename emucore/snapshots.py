@@ -21,7 +21,7 @@ from pathlib import Path
 
 import attrs
 
-from emucore.errors import ConfigError, StateUnsupportedError
+from emucore.errors import ConfigError, NodeStateError, StateUnsupportedError
 from emucore.models import NodeStatus
 from emucore.node import Node, state_name_problem
 from emucore.records import SavedState
@@ -82,10 +82,16 @@ async def node_states(session: Session) -> dict[str, list[SavedState] | None]:
 
 
 async def save(session: Session, name: str) -> list[str]:
-    """Save every running node that can under ``name``, all paused first (one moment).
+    """Save every node that can under ``name``, all paused first (one moment).
+
+    Every node that can save must be running (started or suspended): a stopped one would be
+    missing from the snapshot, which then could not be restored, so the save is refused
+    before any node is paused or saved.
 
     :return: the nodes whose emulator saves no state (a restore starts them afresh).
     :raises ConfigError: ``name`` is not a state name.
+    :raises NodeStateError: a node that can save is not running (naming every such node);
+        nothing was saved.
     :raises EmuError: a node could not save (the others' states are saved); every paused
         node runs again either way.
     """
@@ -93,6 +99,14 @@ async def save(session: Session, name: str) -> list[str]:
     known = await node_states(session)
     saving = [session.nodes[n] for n, states in known.items() if states is not None]
     fresh = [session.nodes[n] for n, states in known.items() if states is None]
+    idle = [node for node in saving if not node.is_running]
+    if idle:
+        listed = ", ".join(f"{node.name} ({node.status.value})" for node in idle)
+        raise NodeStateError(
+            idle[0].name,
+            f"cannot save the lab as {name!r}: not every node that can save runs: {listed};"
+            " a snapshot without them could not be restored (start them, then save)",
+        )
     paused = [node for node in saving if node.status is NodeStatus.STARTED]
     try:
         await all_ended(node.suspend() for node in paused)
