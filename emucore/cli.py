@@ -183,6 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         project_dir=args.project_dir,
         jobs=args.jobs,
         from_state=args.from_state,
+        plugins=plugins,  # one manager: the plugins are loaded once
     )
     return asyncio.run(_run_lab(runner, checks, args))
 

@@ -152,8 +152,15 @@ class LabRunner:
         project_dir: Path | None = None,
         jobs: int | None = None,
         from_state: str | None = None,
+        plugins: pluggy.PluginManager | None = None,
     ) -> None:
+        """Nothing is read or started yet (see :meth:`build` and :meth:`start`).
+
+        :param plugins: the plugin manager the session uses; by default one is made at
+            :meth:`build`, with the plugins ``settings`` blocks left out.
+        """
         self.lab = lab
+        self._plugins = plugins
         self.from_state = from_state
         self.lab_file = lab_file
         self._chosen_dir = project_dir
@@ -189,7 +196,11 @@ class LabRunner:
         A node with ``image = NAME`` is described by the plugin that provides that image
         (``emu_lab_image``).
         """
-        plugins = make_plugin_manager(blocked=self._base_settings.blocked_plugins)
+        plugins = (
+            self._plugins
+            if self._plugins is not None
+            else make_plugin_manager(blocked=self._base_settings.blocked_plugins)
+        )
         tables, settings, problems = self._resolve_images(plugins)
         project = Project.for_directory(self.project_dir, self.lab.name)
         self.session = Session(project, settings=settings, plugins=plugins)
