@@ -77,7 +77,11 @@ class Hierarchy:
         return f"cgroup v{self.version}"
 
     def group(self, name: str) -> CpuGroup:
-        """The group ``emu/<name>`` (which may not exist)."""
+        """The group ``emu/<name>`` (which may not exist).
+
+        :raises CgroupError: ``name`` is empty, holds ``/``, starts with ``.`` (``..``
+            included) or is longer than 200 characters.
+        """
         return CpuGroup(self, name)
 
     def describe(self, name: str = "<name>") -> str:
@@ -200,7 +204,15 @@ class CpuGroup:
     """
 
     hierarchy: Hierarchy
-    name: str
+    name: str = attrs.field()
+
+    @name.validator
+    def _check_name(self, _: object, name: str) -> None:
+        # The name becomes a directory under emu/: never another place, nor a hidden one.
+        if not name or name.startswith(".") or "/" in name or "\0" in name or len(name) > 200:
+            raise CgroupError(
+                f"{name!r} cannot name a cgroup: use 1-200 characters, no '/', no leading '.'"
+            )
 
     @property
     def path(self) -> Path:
@@ -280,15 +292,35 @@ class CpuGroup:
     async def remove(self, timeout: float = 5.0) -> list[int]:
         """Kill what is left in the group, wait for it, remove the group (bounded).
 
+        cgroup v2's ``cgroup.kill`` kills by membership where the kernel has it (5.14);
+        elsewhere each pid is held by a pidfd and killed only if ``/proc/<pid>/cgroup``
+        still names this group then, so a reused pid is never killed.
+
         :return: the pids killed.
         :raises CgroupError: the group could not be removed.
         """
+        pids = self.pids()
+        if pids and self.hierarchy.version == 2 and (self.path / "cgroup.kill").exists():
+            _write(self.path / "cgroup.kill", "1")  # by membership: no pid can be reused
+            await self._rmdir(timeout)
+            return pids
         killed = []
-        for pid in self.pids():
+        for pid in pids:
+            # A pid read from cgroup.procs may be reused before the pidfd holds it: the
+            # process the pidfd holds is killed only if it is still in this group.
             with contextlib.suppress(ProcessLookupError):
-                killed.append(await kill_and_wait(pid, timeout))
+                killed.append(await kill_and_wait(pid, timeout, self._holds))
         await self._rmdir(timeout)
         return killed
+
+    def _holds(self, pid: int) -> bool:
+        """Whether ``/proc/<pid>/cgroup`` names this group."""
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        except OSError:
+            return False
+        suffix = f"/{PARENT}/{self.name}"
+        return any(line.endswith(suffix) for line in lines)
 
     async def dissolve(self, timeout: float = 5.0) -> None:
         """Move the group's processes back to the host's own cgroup, then remove the group.

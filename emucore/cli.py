@@ -38,6 +38,7 @@ from emucore.records import CheckResult
 from emucore.runner import STATE_NAME, LabLock, LabRunner, project_dir_for
 from emucore.session import Session
 from emucore.snapshots import checked_name
+from emucore.tasks import finish
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SIGNAL_EXIT = 128  # a run ended by signal N exits 128 + N, as a shell reports it
@@ -182,6 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         project_dir=args.project_dir,
         jobs=args.jobs,
         from_state=args.from_state,
+        plugins=plugins,  # one manager: the plugins are loaded once
     )
     return asyncio.run(_run_lab(runner, checks, args))
 
@@ -206,6 +208,8 @@ async def _run_lab(runner: LabRunner, checks: list[CheckSpec], args: argparse.Na
     def cancel_until_stopping() -> None:
         # Python 3.11's wait_for loses a cancellation that arrives as what it waits for
         # completes (in a library, at any await): cancel again until the run is stopping.
+        # A node cancelled during its start's cleanup waits for it however often it is
+        # cancelled (emucore.tasks.finish), so the repeats cannot cut a cleanup short.
         if not stopping[0] and not main.done():
             main.cancel()
             loop.call_later(0.2, cancel_until_stopping)
@@ -264,7 +268,7 @@ async def _run_lab(runner: LabRunner, checks: list[CheckSpec], args: argparse.Na
     finally:
         stopping[0] = True
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(runner.stop(clean=args.clean))
+            await finish(runner.stop(clean=args.clean))  # every node down before the unlock
         runner.remove_state()
         lock.release()
         for number in (signal.SIGINT, signal.SIGTERM):

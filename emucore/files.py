@@ -87,6 +87,34 @@ def private_dir(root: Path, *parts: str | Path) -> Path:
     return current
 
 
+def capture_directory(project: Path, path: Path) -> Path:
+    """The directory of the capture file ``path``, ready for the file.
+
+    Inside ``project`` the directories on the way are made as :func:`private_dir` makes
+    them: a link planted there (``captures -> /elsewhere``) is refused, never followed.
+    Outside ``project`` the host program chose the place: its directory must exist, and
+    emu creates nothing there.
+
+    :raises UnsafePathError: ``path`` holds ``..``, a directory on its way inside
+        ``project`` is a link or not a directory, or its directory outside ``project`` is
+        missing; the message names ``path``.
+    """
+    project = project.absolute()
+    if ".." in path.parts:
+        raise UnsafePathError(f"capture file {path}: '..' cannot be part of a capture path")
+    if not path.is_relative_to(project) or path == project:
+        if not path.parent.is_dir():
+            raise UnsafePathError(
+                f"capture file {path}: {path.parent} is {describe(path.parent)}; outside the"
+                f" project directory {project} emu creates no directory"
+            )
+        return path.parent
+    try:
+        return private_dir(project, *path.relative_to(project).parent.parts)
+    except UnsafePathError as exc:
+        raise UnsafePathError(f"capture file {path}: {exc}") from None
+
+
 def _unlink_if_link(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if path.is_symlink():

@@ -31,7 +31,7 @@ from emucore.errors import (
     StateUnsupportedError,
 )
 from emucore.events import EventBus
-from emucore.files import prepare_for_child, private_dir
+from emucore.files import capture_directory, prepare_for_child, private_dir
 from emucore.hooks import NodeHooks
 from emucore.models import (
     Adapter,
@@ -46,6 +46,7 @@ from emucore.models import (
 from emucore.ports import PortAllocator
 from emucore.records import SavedState
 from emucore.stash import Stash
+from emucore.tasks import finish
 
 log = logging.getLogger("emu")
 
@@ -215,8 +216,9 @@ class Node(Generic[P, S]):
                 await self.hooks.start(self, self.argv)
                 await self.hooks.started(self)
             except BaseException as exc:
-                # Shielded: a cancelled start (Ctrl-C) must still take its processes down.
-                await asyncio.shield(self._stop_after_failure())
+                # A cancelled start (Ctrl-C) must still take its processes down, and keep
+                # the lock until they are down, however often it is cancelled again.
+                await finish(self._stop_after_failure())
                 if isinstance(exc, EmuError | asyncio.CancelledError):
                     raise
                 if isinstance(exc, Exception):
@@ -243,7 +245,7 @@ class Node(Generic[P, S]):
             return
         self._set_status(NodeStatus.STOPPING)
         try:
-            await asyncio.shield(self._stop_hooks())
+            await finish(self._stop_hooks())
         finally:
             self.console = None
             self._set_status(NodeStatus.STOPPED)
@@ -524,6 +526,11 @@ class Node(Generic[P, S]):
     async def start_capture(self, adapter: int, path: Path) -> None:
         """Write the frames crossing ``adapter`` to the pcap file ``path``.
 
+        :param path: inside the project directory, the directories on its way are made
+            (0700) and a link planted among them is refused; outside it (a place the host
+            program chose, e.g. next to a lab file), its directory must exist.
+        :raises UnsafePathError: see :func:`~emucore.files.capture_directory`; the message
+            names the capture file.
         :raises NodeStateError: the node is not running, or the adapter is captured already.
         :raises CaptureUnsupportedError: no plugin can capture on this adapter.
         """
@@ -537,7 +544,7 @@ class Node(Generic[P, S]):
                     " stop that capture first",
                 )
             path = Path(path).absolute()
-            path.parent.mkdir(parents=True, exist_ok=True)
+            capture_directory(self.project.directory, path)
             # The emulator opens the file by name: leave it a fresh regular file, so a link
             # planted there is never followed.
             prepare_for_child(path)

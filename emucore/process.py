@@ -160,25 +160,36 @@ async def reap_pidfile(path: Path, timeout: float = 5.0) -> int | None:
     except (OSError, ValueError):
         path.unlink(missing_ok=True)
         return None
+
+    def ours(pid: int) -> bool:
+        return marker in _cmdline(pid) or _cwd(pid) == marker
+
     killed = None
-    if marker and (marker in _cmdline(pid) or _cwd(pid) == marker):
+    if marker and ours(pid):
         with contextlib.suppress(ProcessLookupError):
-            killed = await kill_and_wait(pid, timeout)
+            killed = await kill_and_wait(pid, timeout, ours)  # checked again once held
     path.unlink(missing_ok=True)
     return killed
 
 
-async def kill_and_wait(pid: int, timeout: float) -> int:
+async def kill_and_wait(
+    pid: int, timeout: float, still_ours: Callable[[int], bool] | None = None
+) -> int:
     """SIGKILL a process that is not our child and wait (bounded) until it is gone.
 
     :param pid: the process; its pidfd is opened first, so a reused pid is never signalled
         after the wait.
     :param timeout: seconds to wait for the exit.
+    :param still_ours: asked with ``pid`` once the pidfd holds the process: whether it is
+        still the one meant (the pid may have been reused since it was read); ``False``
+        spares it.
     :return: ``pid``.
-    :raises ProcessLookupError: there is no such process.
+    :raises ProcessLookupError: there is no such process, or ``still_ours`` said no.
     """
     pidfd = os.pidfd_open(pid)
     try:
+        if still_ours is not None and not still_ours(pid):
+            raise ProcessLookupError(pid, "no longer the process meant")
         gone = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_reader(pidfd, gone.set)
@@ -281,7 +292,12 @@ class Supervised:
             pass_fds=pass_fds,
         )
         if pidfile is not None:
-            write_pidfile(pidfile, process.pid, str(cwd or ""))
+            try:
+                write_pidfile(pidfile, process.pid, str(cwd or ""))
+            except BaseException:
+                # Nothing would be left to stop it: a read-only or full disk ends the child here.
+                await asyncio.shield(terminate(process))
+                raise
         return cls(process, pidfile, on_exit)
 
     @property
@@ -317,8 +333,9 @@ class Supervised:
         """
         self.stopping = True
         returncode = await terminate(self.process, grace)
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._watcher
+        # Wait for the watcher without awaiting it: a cancel aimed at the caller must reach
+        # the caller, not be swallowed here (nor cancel the watcher).
+        await asyncio.wait({self._watcher})
         if self.pidfile is not None:
             self.pidfile.unlink(missing_ok=True)
         return returncode

@@ -37,6 +37,7 @@ from emucore.pcap import icmp_echoes, read_frames
 from emucore.plugins import make_plugin_manager
 from emucore.relay import SIDES
 from emucore.session import Session
+from emucore.tasks import all_ended
 from emucore.telnet import TelnetConsole
 
 STATE_NAME = "state.json"
@@ -151,8 +152,15 @@ class LabRunner:
         project_dir: Path | None = None,
         jobs: int | None = None,
         from_state: str | None = None,
+        plugins: pluggy.PluginManager | None = None,
     ) -> None:
+        """Nothing is read or started yet (see :meth:`build` and :meth:`start`).
+
+        :param plugins: the plugin manager the session uses; by default one is made at
+            :meth:`build`, with the plugins ``settings`` blocks left out.
+        """
         self.lab = lab
+        self._plugins = plugins
         self.from_state = from_state
         self.lab_file = lab_file
         self._chosen_dir = project_dir
@@ -188,7 +196,11 @@ class LabRunner:
         A node with ``image = NAME`` is described by the plugin that provides that image
         (``emu_lab_image``).
         """
-        plugins = make_plugin_manager(blocked=self._base_settings.blocked_plugins)
+        plugins = (
+            self._plugins
+            if self._plugins is not None
+            else make_plugin_manager(blocked=self._base_settings.blocked_plugins)
+        )
         tables, settings, problems = self._resolve_images(plugins)
         project = Project.for_directory(self.project_dir, self.lab.name)
         self.session = Session(project, settings=settings, plugins=plugins)
@@ -282,17 +294,12 @@ class LabRunner:
 
         # Nodes started afresh first: they boot, where the others only load a state.
         nodes = sorted(session.nodes.values(), key=lambda node: node.name in resuming)
-        results = await asyncio.gather(*(start_one(node) for node in nodes), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            raise failures[0]
+        await all_ended(start_one(node) for node in nodes)
         self.restored = resuming
-        await asyncio.gather(
-            *(
-                self._after_restore[name](session.node(name))
-                for name in resuming
-                if name in self._after_restore
-            )
+        await all_ended(
+            self._after_restore[name](session.node(name))
+            for name in resuming
+            if name in self._after_restore
         )
         for index, capture in enumerate(self.lab.captures):
             await self._start_capture(index, capture.endpoint, capture.file)

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
 
-from emucore.errors import ConfigError, StateUnsupportedError
+from emucore.errors import ConfigError, NodeStateError, StateUnsupportedError
 from emucore.models import NodeStatus
 from emucore.node import Node, state_name_problem
 from emucore.records import SavedState
 from emucore.session import Session
+from emucore.tasks import all_ended
 
 FRESH_NOTE = "{kind} cannot save a running state: started afresh with its startup configuration"
 
@@ -81,10 +82,16 @@ async def node_states(session: Session) -> dict[str, list[SavedState] | None]:
 
 
 async def save(session: Session, name: str) -> list[str]:
-    """Save every running node that can under ``name``, all paused first (one moment).
+    """Save every node that can under ``name``, all paused first (one moment).
+
+    Every node that can save must be running (started or suspended): a stopped one would be
+    missing from the snapshot, which then could not be restored, so the save is refused
+    before any node is paused or saved.
 
     :return: the nodes whose emulator saves no state (a restore starts them afresh).
     :raises ConfigError: ``name`` is not a state name.
+    :raises NodeStateError: a node that can save is not running (naming every such node);
+        nothing was saved.
     :raises EmuError: a node could not save (the others' states are saved); every paused
         node runs again either way.
     """
@@ -92,23 +99,23 @@ async def save(session: Session, name: str) -> list[str]:
     known = await node_states(session)
     saving = [session.nodes[n] for n, states in known.items() if states is not None]
     fresh = [session.nodes[n] for n, states in known.items() if states is None]
+    idle = [node for node in saving if not node.is_running]
+    if idle:
+        listed = ", ".join(f"{node.name} ({node.status.value})" for node in idle)
+        raise NodeStateError(
+            idle[0].name,
+            f"cannot save the lab as {name!r}: not every node that can save runs: {listed};"
+            " a snapshot without them could not be restored (start them, then save)",
+        )
     paused = [node for node in saving if node.status is NodeStatus.STARTED]
     try:
-        await _all(node.suspend() for node in paused)
-        await _all(node.save_state(name) for node in saving)
+        await all_ended(node.suspend() for node in paused)
+        await all_ended(node.save_state(name) for node in saving)
     finally:
         await asyncio.gather(*(node.resume() for node in paused), return_exceptions=True)
     for node in fresh:
         node.emit("info", f"not saved: {FRESH_NOTE.format(kind=node.emulator)} at a restore")
     return [node.name for node in fresh]
-
-
-async def _all(work: Iterable[Awaitable[object]]) -> None:
-    """Await everything in ``work`` concurrently; raise the first failure once all ended."""
-    results = await asyncio.gather(*work, return_exceptions=True)
-    failures = [r for r in results if isinstance(r, BaseException)]
-    if failures:
-        raise failures[0]
 
 
 async def restore_plan(session: Session, name: str, where: str) -> tuple[list[str], list[str]]:
@@ -170,7 +177,7 @@ async def delete(session: Session, name: str, where: str) -> int:
         raise ConfigError(where, [f"no snapshot called {name!r} (snapshots: {have})"])
     holders = [session.nodes[node] for node in snapshot.states]
     before = sum(_allocated(node.directory) for node in holders)
-    await _all(node.delete_state(name) for node in holders)
+    await all_ended(node.delete_state(name) for node in holders)
     return max(0, before - sum(_allocated(node.directory) for node in holders))
 
 

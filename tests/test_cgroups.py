@@ -104,6 +104,20 @@ def test_a_leftover_group_is_emptied_and_removed_before_a_new_one_is_made(
     assert fresh.quota_percent() == 0  # a new group, not the old one
 
 
+def test_remove_kills_no_process_that_is_not_in_the_group(
+    tmp_path: Path, sleeper: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pid read from cgroup.procs may be reused by a stranger before it is killed: the
+    reuse is made here by a group whose cgroup.procs lists a process that is not in it (a
+    made-up v1 hierarchy in a temporary directory: no kernel file to lie)."""
+    group = Hierarchy(1, tmp_path, tmp_path).group("node")
+    group.path.mkdir(parents=True)
+    (group.path / "cgroup.procs").write_text(f"{sleeper.pid}\n")
+    monkeypatch.setattr(Path, "rmdir", lambda self: None)  # not a cgroup: nothing to remove
+    assert asyncio.run(group.remove(timeout=5)) == []
+    assert sleeper.poll() is None  # spared
+
+
 def test_an_empty_leftover_is_removed(cgroup_hierarchy: Hierarchy, group_name: str) -> None:
     group = asyncio.run(make_group(cgroup_hierarchy, group_name))
     assert group.exists()
@@ -140,6 +154,16 @@ def cgroup_dir(path: Path, controllers: str = "") -> Path:
     path.mkdir(parents=True)
     (path / "cgroup.controllers").write_text(controllers + "\n")
     return path
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "../../x", "", "a\0b", "x" * 201])
+def test_a_group_name_that_is_not_one_directory_under_emu_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    hierarchy = Hierarchy(1, tmp_path, tmp_path)
+    with pytest.raises(CgroupError, match="cannot name a cgroup"):
+        hierarchy.group(name)
+    assert hierarchy.group("node-1.a_b").path == tmp_path / PARENT / "node-1.a_b"
 
 
 def test_v2_wins_where_it_has_the_cpu_controller(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from emucore.errors import CaptureUnsupportedError, NodeError, NodeStateError
+from emucore.files import UnsafePathError
 from emucore.models import NodeEvent, NodeStatus, Project, TapNio, UdpNio
 from emucore.node import Node
 from emucore.plugins import make_plugin_manager
@@ -119,6 +120,42 @@ def test_a_cancelled_start_still_stops_what_it_started(tmp_path: Path) -> None:
     assert ("stop", "n1") in toy.calls
 
 
+def test_a_start_cancelled_again_during_its_cleanup_waits_for_it(tmp_path: Path) -> None:
+    """Ctrl-C cancels again and again (see emucore.cli): the start must keep the node's lock
+    until its cleanup ended, or node.close runs the stop hooks a second time alongside."""
+
+    async def work(session: Session, node: Node, toy: Any) -> None:
+        started = toy.entered["start"] = asyncio.Event()
+        stopping = toy.entered["stop"] = asyncio.Event()
+        task = asyncio.create_task(node.start())
+        await started.wait()
+        task.cancel()
+        await stopping.wait()  # the cleanup runs (its hook sleeps for the delay)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert node.status is S.STOPPED  # the cleanup ended before the start did
+
+    toy, _ = run(work, tmp_path, delay=0.3)
+    assert toy.overlaps == []  # node.close did not stop it a second time alongside
+    assert [n for n, _ in toy.calls].count("stop") == 1
+
+
+def test_a_cancelled_stop_still_ends_its_hooks_before_it_leaves(tmp_path: Path) -> None:
+    async def work(session: Session, node: Node, toy: Any) -> None:
+        await node.start()
+        stopping = toy.entered["stop"] = asyncio.Event()
+        task = asyncio.create_task(node.stop())
+        await stopping.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert node.status is S.STOPPED
+
+    toy, _ = run(work, tmp_path, delay=0.3)
+    assert toy.overlaps == []  # close (at the session's end) came after the stop hook
+
+
 def test_an_emulator_exit_stops_the_node_and_reports_the_log(tmp_path: Path) -> None:
     async def work(session: Session, node: Node, toy: Any) -> None:
         await node.start()
@@ -209,6 +246,32 @@ def test_captures(tmp_path: Path) -> None:
             await node.stop_capture(0)
 
     run(work, tmp_path)
+
+
+def test_a_capture_follows_no_planted_link_and_creates_no_directory_outside_the_project(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (tmp_path / "project-files").mkdir()
+    (tmp_path / "project-files" / "captures").symlink_to(elsewhere)
+    planted = tmp_path / "project-files" / "captures" / "a.pcap"
+    outside = elsewhere / "missing" / "b.pcap"
+
+    async def work(session: Session, node: Node, toy: Any) -> None:
+        await node.start()
+        with pytest.raises(UnsafePathError, match=f"capture file {planted}: .* symbolic link"):
+            await node.start_capture(0, planted)
+        with pytest.raises(UnsafePathError, match=f"capture file {outside}: .* is missing"):
+            await node.start_capture(0, outside)  # outside the project, nothing is created
+        with pytest.raises(UnsafePathError, match=r"'\.\.' cannot be part of a capture path"):
+            await node.start_capture(0, tmp_path / ".." / elsewhere.name / "c.pcap")
+        assert node.adapters[0].capture is None
+        await node.start_capture(0, tmp_path / "new" / "d.pcap")  # its directory made here
+        assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+
+    toy, _ = run(work, tmp_path)
+    assert list(elsewhere.iterdir()) == []
+    assert [n for n, _ in toy.calls].count("capture 0") == 1
 
 
 def test_a_closed_node_refuses_to_start(tmp_path: Path) -> None:

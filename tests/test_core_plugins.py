@@ -206,3 +206,17 @@ def test_wrappers_are_refused_on_may_be_async_hooks(tmp_path: Path) -> None:
     with pytest.raises(PluginError, match="emu_start may be async"):
         manager.register(wrapping, name="wrapping")
     assert manager.get_plugin("wrapping") is None
+
+
+def test_a_lab_runner_uses_the_plugin_manager_it_is_given(tmp_path: Path) -> None:
+    """emu run hands its manager (the one that asked emu_lab_runner) to the runner: a lab of
+    an emulator known only to that manager builds."""
+    from emucore.lab import load_lab
+    from emucore.runner import LabRunner
+
+    manager = make_plugin_manager(entry_points=False, plugins=[("toy", make_toy("toy"))])
+    lab_file = tmp_path / "lab.toml"
+    lab = load_lab({"name": "l", "nodes": {"a": {"emulator": "toy"}}}, str(lab_file))
+    session = LabRunner(lab, lab_file, plugins=manager).build()
+    assert session.plugins is manager
+    assert session.nodes["a"].emulator == "toy"

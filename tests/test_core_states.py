@@ -174,3 +174,25 @@ def test_a_lab_snapshot_pauses_saves_and_restarts_the_others_afresh(
         assert stateful.kept == {}
 
     emu_run(body())
+
+
+def test_a_lab_snapshot_is_refused_while_a_node_that_can_save_is_stopped(
+    emu_run: Any, session: Session, kinds: tuple[types.ModuleType, types.ModuleType]
+) -> None:
+    stateful, _ = kinds
+    for name in ("k1", "k2"):
+        session.add_node({"name": name, "emulator": "keeper"})
+    session.add_node({"name": "t", "emulator": "toy"})  # cannot save: may be stopped
+
+    async def body() -> None:
+        await session.nodes["k1"].start()
+        with pytest.raises(NodeStateError, match=r"lab as 'converged'.*: k2 \(stopped\);"):
+            await snapshots.save(session, "converged")
+        assert stateful.kept == {}  # nothing saved
+        assert not [call for call in stateful.calls if call[0] == "suspend"]  # nor paused
+        assert session.nodes["k1"].status.value == "started"
+        await session.nodes["k2"].start()
+        assert await snapshots.save(session, "converged") == ["t"]
+        assert sorted(owner for owner, _ in stateful.kept) == ["k1", "k2"]
+
+    emu_run(body())
