@@ -283,11 +283,7 @@ def test_node_info_merges_what_plugins_report_the_first_answer_winning(tmp_path:
                 "status_note": "stopped",
                 "aux": 5000,
             }
-            assert (
-                await session_with(tmp_path / "bare")
-                .add_node({"name": "n2", "emulator": "toy"})
-                .info()
-                == {}
-            )
+            async with session_with(tmp_path / "bare") as bare:
+                assert await bare.add_node({"name": "n2", "emulator": "toy"}).info() == {}
 
     asyncio.run(body())

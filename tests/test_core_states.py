@@ -35,6 +35,7 @@ def keeper() -> types.ModuleType:
 
     @hookimpl
     async def emu_save_state(node: Node, name: str) -> bool:
+        module.calls.append(("save", node.name))
         kept[(node.name, name)] = float(len(kept) + 1)
         return True
 
@@ -153,7 +154,9 @@ def test_a_lab_snapshot_pauses_saves_and_restarts_the_others_afresh(
         assert await snapshots.save(session, "converged") == ["t"]
         # Each saving node was paused before any saved (one moment), and runs again.
         suspends = [i for i, call in enumerate(stateful.calls) if call[0] == "suspend"]
-        assert len(suspends) == 2
+        saves = [i for i, call in enumerate(stateful.calls) if call[0] == "save"]
+        assert len(suspends) == len(saves) == 2
+        assert max(suspends) < min(saves)
         assert all(node.status.value == "started" for node in session.nodes.values())
         assert any(e.node == "t" and "cannot save a running state" in e.message for e in events)
         listed, stateless_nodes = await snapshots.snapshots(session)

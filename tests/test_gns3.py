@@ -12,11 +12,10 @@ compute answers ``ImageMissingError``. The controller starts once per session (`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import json
 import shutil
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from emu_tests.guest import TinyGuest, build_tiny_guest
 from emucore.telnet import TelnetConsole
 from tests.gns3_controller import (
     GNS3SERVER,
+    STATUS_TIMEOUT,
     ApiError,
     Controller,
     EmuCompute,
@@ -46,7 +46,8 @@ from tests.gns3_controller import (
     unregister,
     wait_status,
 )
-from tests.helpers import emulators_mentioning
+from tests.helpers import emulators_mentioning, qemu_img_info
+from tests.test_qemu_cdrom import READ_DISC
 
 pytestmark = [
     pytest.mark.skipif(not GNS3SERVER.exists(), reason="run ./scripts/setup: no .venv-gns3"),
@@ -54,7 +55,6 @@ pytestmark = [
 ]
 
 DELAY_MS = 50
-STATUS_TIMEOUT = 120.0
 
 
 @pytest.fixture(scope="module")
@@ -275,14 +275,6 @@ def test_a_stopped_node_changes_its_cpus_through_the_gui(
         controller.api("DELETE", f"/projects/{project}")
 
 
-# What the guest reads from a disc: its first bytes (see tests/test_qemu_cdrom.py).
-READ_DISC = (
-    "for try in 1 2 3 4 5 6 7 8 9 10; do"
-    " label=$(dd if=/dev/sr0 bs=2048 count=1 2>/dev/null | head -c 16 | tr -d '\\000');"
-    ' [ -n "$label" ] && break; sleep 0.3; done; echo "$label"'
-)
-
-
 def test_a_running_node_swaps_its_cdrom_and_reports_checksums_and_aux(
     lab_compute: tuple[Controller, EmuCompute, str], guest: TinyGuest
 ) -> None:
@@ -356,14 +348,18 @@ def test_a_running_node_swaps_its_cdrom_and_reports_checksums_and_aux(
 def test_sigterm_stops_every_node(lab_compute: tuple[Controller, EmuCompute, str]) -> None:
     controller, compute, compute_id = lab_compute
     project = controller.api("POST", "/projects", {"name": "emu-sigterm"})["project_id"]
-    body = {"name": "pc", "node_type": "vpcs", "compute_id": compute_id}
-    node = controller.api("POST", f"/projects/{project}/nodes", body)["node_id"]
-    controller.api("POST", f"/projects/{project}/nodes/{node}/start", {})
-    wait_status(controller, project, node, "started")
-    assert emulators_mentioning(str(compute.projects / project)) != {}
-    assert stop(compute.process) == 0
-    assert emulators_mentioning(str(compute.projects)) == {}
-    assert "stopping every node" in compute.log()
+    try:
+        body = {"name": "pc", "node_type": "vpcs", "compute_id": compute_id}
+        node = controller.api("POST", f"/projects/{project}/nodes", body)["node_id"]
+        controller.api("POST", f"/projects/{project}/nodes/{node}/start", {})
+        wait_status(controller, project, node, "started")
+        assert emulators_mentioning(str(compute.projects / project)) != {}
+        assert stop(compute.process) == 0
+        assert emulators_mentioning(str(compute.projects)) == {}
+        assert "stopping every node" in compute.log()
+    finally:  # the controller lives for the session: leave it no project of ours
+        with contextlib.suppress(ApiError):
+            controller.api("DELETE", f"/projects/{project}")
 
 
 def test_a_sigkilled_compute_leaves_no_emulator(tmp_path: Path) -> None:
@@ -428,15 +424,3 @@ def test_a_controller_that_comes_back_finds_the_nodes_as_it_left_them(tmp_path: 
             left = emulators_mentioning(str(compute.projects))
             compute.remove_projects()
             assert left == {}, compute.log()
-
-
-def qemu_img_info(path: Path) -> dict[str, Any]:
-    """``qemu-img info`` of ``path``, as JSON."""
-    done = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    info: dict[str, Any] = json.loads(done.stdout)
-    return info

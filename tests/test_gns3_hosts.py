@@ -435,15 +435,18 @@ def test_a_killed_run_leaves_no_node_running(cluster: Cluster, tmp_path: Path) -
         assert cluster.computes[0].emulators() != {}
         process.kill()
         process.wait()
-    deadline = time.monotonic() + 60
-    while cluster.computes[0].emulators():
-        assert time.monotonic() < deadline, "the controller did not close the project"
-        time.sleep(0.2)  # the controller waits 5 s after its last listener left
-    projects = cluster.controller.api("GET", "/projects")
-    killed = [p for p in projects if str(p["name"]).startswith("emu-killed-")]
-    assert [p["status"] for p in killed] == ["closed"], killed
-    for project_entry in killed:
-        cluster.controller.api("DELETE", f"/projects/{project_entry['project_id']}")
+    try:
+        deadline = time.monotonic() + 60
+        while cluster.computes[0].emulators():
+            assert time.monotonic() < deadline, "the controller did not close the project"
+            time.sleep(0.2)  # the controller waits 5 s after its last listener left
+        projects = cluster.controller.api("GET", "/projects")
+        killed = [p for p in projects if str(p["name"]).startswith("emu-killed-")]
+        assert [p["status"] for p in killed] == ["closed"], killed
+    finally:  # the controller serves the module's other tests: leave it no project of ours
+        for entry in cluster.controller.api("GET", "/projects"):
+            if str(entry["name"]).startswith("emu-killed-"):
+                cluster.controller.api("DELETE", f"/projects/{entry['project_id']}")
 
 
 # -- a compute killed ------------------------------------------------------------------------
